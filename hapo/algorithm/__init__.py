@@ -1,0 +1,69 @@
+"""The HAPO algorithm as pure tensor functions (no I/O, no global state).
+
+HAPO (arXiv 2509.16591) has four parts, each importable here under the reference
+release's name and signature so verl users can port:
+
+1. Adaptive temperature sampling: ``compute_entropy_based_temperature``.
+2. Token-level group average advantage: ``compute_hapo_outcome_advantage``
+   (with ``compute_grpo_outcome_advantage`` as its fallback).
+3. Differential advantage redistribution: ``ada_advantage``.
+4. Asymmetric adaptive clipping: ``ada_clip``.
+
+``hapo_policy_loss`` puts 3 and 4 into the dual-clip PPO loss; ``compute_norm_entropys``
+and ``entropy_h_hat`` turn token entropies into the normalised ``h_hat`` all parts use.
+
+Where we depart from the reference release (``starriver030515/HAPO``), and why:
+
+- ``scale_neg`` is positive (``1 / |min h|``), as in the paper and the seed. The release
+  computes ``1 / min h`` (negative), which makes ``h_hat >= 0`` for nearly every token and
+  silently disables the low-entropy branches of ``ada_clip``/``ada_advantage`` and any
+  temperature decrease. ``reference_scale_neg_sign=True`` reproduces the release.
+- The entropy pivot is the ``entropy_pivot`` quantile by nearest rank via ``kthvalue``;
+  the release's ``torch.quantile`` path fails above 2^24 tokens. The training-time
+  ``h_hat`` and the sampler's use the same ``(x - pivot) / (std + eps)`` formula (the
+  release divides by ``sqrt(max(var, eps))`` in one place and ``std + eps`` in the other).
+- The HAPO advantage's GRPO fallback is decided on valid tokens only. The seed's test also
+  sees padding positions (value ``-mean / (std + eps)``), so whether a group falls back
+  depends on how much padding its batch has. ``reference_padding_fallback=True``
+  reproduces the seed. A group of equal scores gets advantage 0 (the seed divides
+  rounding noise by ``eps``); masked positions are always 0 (the seed leaves
+  ``-mean / (std + eps)`` there).
+- Group statistics are vectorised segment reductions in fp64, not a Python loop.
+- Log-ratios are clamped to ``[-20, 20]`` before ``exp`` (as current verl does), so a
+  garbage log-prob at a masked position cannot turn the gradient into NaN.
+- Entropy is computed in one ``logsumexp``-style pass with masked (``-inf``) logits
+  handled, and in chunks for ``[B, T, V]`` inputs (``entropy_from_logits_chunked``).
+"""
+
+from hapo.algorithm.advantage import (
+    FALLBACK_THRESHOLD,
+    compute_grpo_outcome_advantage,
+    compute_hapo_outcome_advantage,
+    group_ids,
+)
+from hapo.algorithm.entropy import entropy_from_logits_chunked, token_entropy
+from hapo.algorithm.loss import ada_advantage, ada_clip, hapo_policy_loss
+from hapo.algorithm.temperature import (
+    NormEntropys,
+    compute_entropy_based_temperature,
+    compute_norm_entropys,
+    entropy_h_hat,
+    log_entropy,
+)
+
+__all__ = [
+    "FALLBACK_THRESHOLD",
+    "NormEntropys",
+    "ada_advantage",
+    "ada_clip",
+    "compute_entropy_based_temperature",
+    "compute_grpo_outcome_advantage",
+    "compute_hapo_outcome_advantage",
+    "compute_norm_entropys",
+    "entropy_from_logits_chunked",
+    "entropy_h_hat",
+    "group_ids",
+    "hapo_policy_loss",
+    "log_entropy",
+    "token_entropy",
+]
