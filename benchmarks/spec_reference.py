@@ -20,18 +20,18 @@ def grpo_advantage_loop(
     epsilon: float = 1e-6,
     norm_adv_by_std_in_grpo: bool = True,
 ) -> torch.Tensor:
-    """verl's GRPO outcome advantage, one sample at a time. Returns ``[B, T]``."""
+    """verl's GRPO outcome advantage as the reference release ships it. Returns ``[B, T]``."""
     scores = token_level_rewards.sum(dim=-1)
-    by_group: dict = defaultdict(list)
+    id2score: dict = defaultdict(list)
     for i in range(scores.shape[0]):
-        by_group[index[i]].append(scores[i])
+        id2score[index[i]].append(scores[i])
     mean, std = {}, {}
-    for label, members in by_group.items():
+    for label, members in id2score.items():
         if len(members) == 1:
             mean[label], std[label] = torch.tensor(0.0), torch.tensor(1.0)
         else:
-            stacked = torch.stack(members)
-            mean[label], std[label] = stacked.mean(), stacked.std()
+            mean[label] = torch.mean(torch.tensor(members))
+            std[label] = torch.std(torch.tensor([members]))
     out = scores.clone()
     for i in range(scores.shape[0]):
         centred = scores[i] - mean[index[i]]
@@ -57,15 +57,19 @@ def hapo_advantage_loop(
         token_level_rewards, response_mask, index, epsilon, norm_adv_by_std_in_grpo
     )
     scores = token_level_rewards.sum(dim=-1).unsqueeze(-1) * response_mask
-    members: dict = defaultdict(list)
-    for i, label in enumerate(index):
-        members[label].append(i)
+    id2score: dict = defaultdict(list)
+    id2mask: dict = defaultdict(list)
+    for i in range(scores.shape[0]):
+        id2score[index[i]].append(scores[i])
+        id2mask[index[i]].append(response_mask[i])
     out = scores.clone()
-    for rows in members.values():
-        group_scores, group_mask = scores[rows], response_mask[rows].bool()
+    for label in id2score:
+        group_scores, group_mask = torch.stack(id2score[label]), torch.stack(id2mask[label]).bool()
         valid_values = group_scores.masked_select(group_mask)
         mean, std = valid_values.mean(), valid_values.std(unbiased=False)
-        normed = group_scores - mean
+        # As the seed: the group's rows are found by a scan of the whole index.
+        rows = [i for i, x in enumerate(index) if x == label]
+        normed = scores[rows] - mean
         if norm_adv_by_std_in_grpo:
             normed = normed / (std + epsilon)
         tested = normed[group_mask] if valid_only_fallback else normed

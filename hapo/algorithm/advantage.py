@@ -17,22 +17,90 @@ import torch
 FALLBACK_THRESHOLD = 5.0
 
 
+# Odd 64-bit multiplier (2^64 / golden ratio) of the polynomial hash of string labels.
+_HASH_BASE = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _string_group_ids(labels: np.ndarray) -> torch.Tensor:
+    """Dense ids ``[B]`` of fixed-width unicode labels (e.g. verl's uuid ``uid`` strings).
+
+    Sorting strings (``np.unique``) would dominate the advantage's run time, so each label
+    is hashed to int64 in one vectorised pass (a polynomial over its code points, in
+    wrapping arithmetic) and the hashes are grouped instead. The grouping is then
+    verified exactly against the code points; on a hash collision the strings are sorted.
+    """
+    codes = torch.from_numpy(labels.view(np.int32).reshape(len(labels), -1))
+    powers = np.cumprod(np.full(codes.shape[1], _HASH_BASE, dtype=np.uint64)).view(np.int64)
+    hashes = (codes.long() * torch.from_numpy(powers)).sum(dim=-1)
+    unique_hashes, inverse = torch.unique(hashes, return_inverse=True)
+    rows = torch.arange(len(labels))
+    first = rows.new_full((len(unique_hashes),), len(labels)).scatter_reduce(
+        0, inverse, rows, "amin"
+    )
+    if not torch.equal(codes[first[inverse]], codes):
+        inverse = torch.from_numpy(np.unique(labels, return_inverse=True)[1].reshape(-1))
+    return inverse
+
+
 def group_ids(
     index: Sequence | np.ndarray | torch.Tensor, device: torch.device
 ) -> tuple[torch.Tensor, int]:
     """Dense group ids ``[B]`` (int64, in ``[0, G)``) and ``G`` for arbitrary labels.
 
-    ``index`` holds one hashable, sortable label per sample (ints, strings, UUID strings).
+    ``index`` holds one label per sample: ints, or strings (as verl's ``uid``).
     """
     if isinstance(index, torch.Tensor):
         labels, inverse = torch.unique(index, return_inverse=True)
         return inverse.to(device), labels.numel()
-    labels, inverse = np.unique(np.asarray(index), return_inverse=True)
-    return torch.from_numpy(inverse.reshape(-1)).to(device), len(labels)
+    labels = np.asarray(index)
+    if labels.dtype == object:
+        labels = labels.astype(str)
+    if labels.dtype.kind == "U" and len(labels):
+        inverse = _string_group_ids(labels)
+    else:
+        inverse = torch.from_numpy(np.unique(labels, return_inverse=True)[1].reshape(-1))
+    return inverse.to(device), int(inverse.max()) + 1 if len(inverse) else 0
 
 
 def _segment_sum(values: torch.Tensor, groups: torch.Tensor, num_groups: int) -> torch.Tensor:
     return values.new_zeros(num_groups).index_add_(0, groups, values)
+
+
+def _grpo_sample_advantage(
+    scores: torch.Tensor,
+    groups: torch.Tensor,
+    num_groups: int,
+    epsilon: float,
+    norm_adv_by_std_in_grpo: bool,
+) -> torch.Tensor:
+    """GRPO advantage of each sample from fp64 scores ``[B]`` -> ``[B]``."""
+    count = _segment_sum(torch.ones_like(scores), groups, num_groups)
+    mean = _segment_sum(scores, groups, num_groups) / count
+    sq_dev = (scores - mean[groups]).square()
+    std = (_segment_sum(sq_dev, groups, num_groups) / (count - 1)).sqrt()
+    singleton = count == 1
+    mean = torch.where(singleton, 0.0, mean)
+    std = torch.where(singleton, 1.0, std)
+    advantage = scores - mean[groups]
+    if norm_adv_by_std_in_grpo:
+        advantage = advantage / (std[groups] + epsilon)
+    return advantage
+
+
+def _float_mask(response_mask: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
+    """The mask ``[B, T]`` as fp32 (fp64 for fp64 rewards).
+
+    Torch's CPU reductions over bool and int masks are 5-20x slower than over floats, and
+    a bf16 sum cannot count past 256, so masks are converted once up front.
+    """
+    return response_mask.to(torch.promote_types(rewards.dtype, torch.float32))
+
+
+def _broadcast_to_tokens(
+    advantage: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """Per-sample advantages ``[B]`` onto valid tokens ``[B, T]``: one pass over the mask."""
+    return (advantage.to(mask.dtype).unsqueeze(-1) * mask).to(dtype)
 
 
 def compute_grpo_outcome_advantage(
@@ -50,7 +118,7 @@ def compute_grpo_outcome_advantage(
 
     Args:
         token_level_rewards: ``[B, T]`` rewards (the outcome reward sits on one token).
-        response_mask: ``[B, T]`` 1 for valid response tokens.
+        response_mask: ``[B, T]`` 1 (or True) for valid response tokens, else 0.
         index: ``[B]`` group label of each sample.
 
     Returns:
@@ -58,18 +126,9 @@ def compute_grpo_outcome_advantage(
     """
     scores = token_level_rewards.sum(dim=-1).double()
     groups, num_groups = group_ids(index, scores.device)
-    count = _segment_sum(torch.ones_like(scores), groups, num_groups)
-    mean = _segment_sum(scores, groups, num_groups) / count
-    sq_dev = (scores - mean[groups]).square()
-    std = (_segment_sum(sq_dev, groups, num_groups) / (count - 1)).sqrt()
-    singleton = count == 1
-    mean = torch.where(singleton, 0.0, mean)
-    std = torch.where(singleton, 1.0, std)
-    advantage = scores - mean[groups]
-    if norm_adv_by_std_in_grpo:
-        advantage = advantage / (std[groups] + epsilon)
-    mask = response_mask.to(token_level_rewards.dtype)
-    advantages = advantage.to(token_level_rewards.dtype).unsqueeze(-1) * mask
+    advantage = _grpo_sample_advantage(scores, groups, num_groups, epsilon, norm_adv_by_std_in_grpo)
+    mask = _float_mask(response_mask, token_level_rewards)
+    advantages = _broadcast_to_tokens(advantage, mask, token_level_rewards.dtype)
     return advantages, advantages
 
 
@@ -89,7 +148,7 @@ def compute_hapo_outcome_advantage(
     its sample's score, so long responses weigh more:
     ``mean_g = sum_i L_i s_i / sum_i L_i``, ``var_g = sum_i L_i (s_i - mean_g)^2 / sum_i L_i``
     with ``L_i`` the valid length. Since the score is constant along a sample, these are
-    computed from ``[B]`` vectors, never by expanding to ``[B, T]``.
+    computed from ``[B]`` vectors: the ``[B, T]`` tensors are read once and written once.
 
     A group whose normalised advantage reaches ``|A| >= 5`` on any valid token falls back
     to its GRPO advantage (the seed's smoothing). With ``reference_padding_fallback`` the
@@ -99,7 +158,7 @@ def compute_hapo_outcome_advantage(
 
     Args:
         token_level_rewards: ``[B, T]`` rewards.
-        response_mask: ``[B, T]`` 1 for valid response tokens.
+        response_mask: ``[B, T]`` 1 (or True) for valid response tokens, else 0.
         index: ``[B]`` group label of each sample (ints or strings).
         entropys: accepted for signature compatibility with the reference; unused there
             and here.
@@ -108,19 +167,15 @@ def compute_hapo_outcome_advantage(
         ``(advantages, returns)``, both the same ``[B, T]`` tensor, 0 at masked positions.
     """
     del entropys
-    grpo_advantages, _ = compute_grpo_outcome_advantage(
-        token_level_rewards, response_mask, index, epsilon, norm_adv_by_std_in_grpo
-    )
-    valid = response_mask.bool()
     scores = token_level_rewards.sum(dim=-1).double()
-    lengths = valid.sum(dim=-1).double()
+    mask = _float_mask(response_mask, token_level_rewards)
+    lengths = mask.sum(dim=-1).double()
     groups, num_groups = group_ids(index, scores.device)
 
     group_tokens = _segment_sum(lengths, groups, num_groups)
     mean = _segment_sum(lengths * scores, groups, num_groups) / group_tokens
-    var = (
-        _segment_sum(lengths * (scores - mean[groups]).square(), groups, num_groups) / group_tokens
-    )
+    sq_dev = lengths * (scores - mean[groups]).square()
+    var = _segment_sum(sq_dev, groups, num_groups) / group_tokens
     denominator = var.sqrt() + epsilon if norm_adv_by_std_in_grpo else torch.ones_like(var)
 
     has_tokens = lengths > 0
@@ -135,11 +190,11 @@ def compute_hapo_outcome_advantage(
     outlier = has_tokens & (normed.abs() >= FALLBACK_THRESHOLD)
     if reference_padding_fallback:
         padding_value = -mean / denominator
-        has_padding = lengths < valid.shape[-1]
+        has_padding = lengths < mask.shape[-1]
         outlier |= has_padding & (padding_value.abs() >= FALLBACK_THRESHOLD)[groups]
     fallback = _segment_sum(outlier.double(), groups, num_groups) > 0
 
-    mask = valid.to(token_level_rewards.dtype)
-    hapo_advantages = normed.to(token_level_rewards.dtype).unsqueeze(-1) * mask
-    advantages = torch.where(fallback[groups].unsqueeze(-1), grpo_advantages, hapo_advantages)
+    grpo = _grpo_sample_advantage(scores, groups, num_groups, epsilon, norm_adv_by_std_in_grpo)
+    advantage = torch.where(fallback[groups], grpo, normed)
+    advantages = _broadcast_to_tokens(advantage, mask, token_level_rewards.dtype)
     return advantages, advantages

@@ -1,0 +1,321 @@
+"""The one configuration tree of HAPO-RL.
+
+Sources, later ones winning: field defaults < YAML file < ``HAPO_*`` environment variables
+< dotted ``key=value`` command-line overrides. Keys follow the reference's verl layout
+(``actor_rollout_ref.rollout.temperature_tau``, ``algorithm.adv_estimator``, ...), so its
+YAML files and launch-script overrides carry over. Every leaf ``a.b.c`` can also be set by
+the environment variable ``HAPO_A_B_C`` (``HAPO_REDIS_URL``, ``HAPO_API_TOKEN``, ...).
+
+Unknown keys and bad values raise ``ConfigError`` naming the key and, for unknown keys,
+the closest valid one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, Self
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+ENV_PREFIX = "HAPO_"
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+
+class RolloutConfig(_Section):
+    adaptive_temperature: bool = True
+    """Sample each token at ``T * (1 + h_hat * temperature_tau)`` (HAPO part 1)."""
+    temperature_tau: float = Field(0.05, ge=0.0, lt=1.0)
+    """Relative range of the adaptive temperature; lower it if training collapses."""
+    temperature: float = Field(1.0, ge=0.0, le=10.0)
+    """Base sampling temperature (0 = greedy)."""
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    """Nucleus sampling mass."""
+    n: int = Field(8, ge=1, le=1024)
+    """Samples per prompt (the group size)."""
+
+
+class OptimConfig(_Section):
+    lr: float = Field(1e-6, gt=0.0, le=1.0)
+    """AdamW learning rate (reference recipe: 1e-6)."""
+    lr_warmup_steps: int = Field(10, ge=0)
+    """Linear warm-up steps."""
+    weight_decay: float = Field(0.1, ge=0.0, le=1.0)
+    """AdamW weight decay."""
+
+
+class ActorConfig(_Section):
+    adaptive_advantage: bool = True
+    """Differential advantage redistribution by token entropy (HAPO part 3)."""
+    adv_beta: float = Field(1.0, ge=0.0, le=10.0)
+    """Strength of the advantage redistribution."""
+    adaptive_clip: bool = True
+    """Asymmetric adaptive clipping by token entropy (HAPO part 4)."""
+    clip_alpha: float = Field(1.0, ge=0.0, le=10.0)
+    """Strength of the adaptive clip bounds."""
+    clip_ratio_low: float = Field(0.2, ge=0.0, le=1.0)
+    """PPO lower clip range: ratio >= 1 - clip_ratio_low."""
+    clip_ratio_high: float = Field(0.2, ge=0.0, le=10.0)
+    """PPO upper clip range: ratio <= 1 + clip_ratio_high."""
+    clip_ratio_c: float = Field(10.0, gt=1.0)
+    """Dual-clip bound on the loss of negative-advantage tokens."""
+    entropy_pivot: float = Field(0.8, ge=0.0, le=1.0)
+    """Quantile of the batch's token log-entropies used as the centre of h_hat."""
+    ppo_mini_batch_size: int = Field(8, ge=1)
+    """Prompts per optimizer step (each with ``rollout.n`` samples)."""
+    ppo_micro_batch_size_per_gpu: int = Field(8, ge=1)
+    """Samples per forward/backward pass (gradient accumulation)."""
+    ppo_epochs: int = Field(1, ge=1, le=100)
+    """Passes over each step's batch."""
+    grad_clip: float = Field(1.0, gt=0.0)
+    """Maximum global gradient norm."""
+    optim: OptimConfig = OptimConfig()
+    """Optimizer settings."""
+
+
+class ActorRolloutRefConfig(_Section):
+    actor: ActorConfig = ActorConfig()
+    """The learner (verl's actor)."""
+    rollout: RolloutConfig = RolloutConfig()
+    """Sampling."""
+
+
+class AlgorithmConfig(_Section):
+    adv_estimator: Literal["hapo", "grpo"] = "hapo"
+    """Advantage: token-level group average with GRPO fallback (hapo) or GRPO."""
+    norm_adv_by_std_in_grpo: bool = True
+    """Divide advantages by the group's standard deviation."""
+    reference_scale_neg_sign: bool = False
+    """Reproduce the reference release's negative scale_neg (h_hat >= 0 almost always)."""
+    reference_padding_fallback: bool = False
+    """Let padding positions trigger the HAPO->GRPO fallback, as the seed code does."""
+    reference_micro_batch_h_hat: bool = False
+    """Normalise training-time h_hat per micro-batch, as the reference does."""
+
+
+class OverlongBufferConfig(_Section):
+    enable: bool = False
+    """DAPO overlong penalty; off by default, HAPO is very sensitive to it."""
+    len: int = Field(16, ge=1)
+    """Tokens before ``data.max_response_length`` where the penalty starts."""
+    penalty_factor: float = Field(1.0, ge=0.0)
+    """Penalty at the maximum length."""
+
+
+class RewardConfig(_Section):
+    overlong_buffer: OverlongBufferConfig = OverlongBufferConfig()
+    """Length penalty near the maximum response length."""
+
+
+class DataConfig(_Section):
+    train_batch_size: int = Field(8, ge=1)
+    """Prompts per training step."""
+    max_prompt_length: int = Field(256, ge=1)
+    """Longest prompt in tokens; longer prompts are rejected."""
+    max_response_length: int = Field(64, ge=1)
+    """Most new tokens per sample."""
+
+
+class ModelConfig(_Section):
+    path: Path | None = None
+    """Local Hugging Face model folder; empty for the default SmolLM2-135M-Instruct."""
+    cache_dir: Path = Path("~/.cache/hapo")
+    """Where the default model is converted to once and kept."""
+
+    @property
+    def local_path(self) -> Path:
+        """The model folder to load: ``path``, or the default model under ``cache_dir``."""
+        if self.path is not None:
+            return self.path.expanduser()
+        return self.cache_dir.expanduser() / "models" / "SmolLM2-135M-Instruct"
+
+
+class RedisConfig(_Section):
+    url: str = Field("redis://127.0.0.1:6379/0", pattern=r"^(redis|rediss|unix)://")
+    """Redis server carrying all streams."""
+
+
+class ApiConfig(_Section):
+    host: str = "127.0.0.1"
+    """Interface the HTTP APIs bind to; localhost unless you mean otherwise."""
+    port: int = Field(8000, ge=1, le=65535)
+    """Port of the trainer's control API."""
+    token: SecretStr | None = None
+    """Bearer token required by the control API (never logged)."""
+
+
+class HapoConfig(_Section):
+    seed: int = Field(0, ge=0)
+    """Seed of every random generator."""
+    actor_rollout_ref: ActorRolloutRefConfig = ActorRolloutRefConfig()
+    """Learner and sampler (verl layout)."""
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    """Advantage estimator and reference-reproduction switches."""
+    reward: RewardConfig = RewardConfig()
+    """Reward shaping."""
+    data: DataConfig = DataConfig()
+    """Batch and length limits."""
+    model: ModelConfig = ModelConfig()
+    """Model weights."""
+    redis: RedisConfig = RedisConfig()
+    """Transport."""
+    api: ApiConfig = ApiConfig()
+    """HTTP APIs."""
+
+    @model_validator(mode="after")
+    def _check_batch_shapes(self) -> Self:
+        actor = self.actor_rollout_ref.actor
+        batch, mini = self.data.train_batch_size, actor.ppo_mini_batch_size
+        if batch % mini:
+            raise ValueError(
+                f"actor_rollout_ref.actor.ppo_mini_batch_size ({mini}) must divide "
+                f"data.train_batch_size ({batch})"
+            )
+        samples = mini * self.actor_rollout_ref.rollout.n
+        if samples % actor.ppo_micro_batch_size_per_gpu:
+            raise ValueError(
+                "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu "
+                f"({actor.ppo_micro_batch_size_per_gpu}) must divide the samples per mini-batch "
+                f"(ppo_mini_batch_size x rollout.n = {samples})"
+            )
+        buffer = self.reward.overlong_buffer
+        if buffer.enable and buffer.len >= self.data.max_response_length:
+            raise ValueError(
+                f"reward.overlong_buffer.len ({buffer.len}) must be below "
+                f"data.max_response_length ({self.data.max_response_length})"
+            )
+        return self
+
+    def to_json(self) -> str:
+        """The effective config as JSON, secrets masked: what services log at start-up."""
+        return self.model_dump_json()
+
+
+def iter_keys(model: type[BaseModel] = HapoConfig, prefix: str = "") -> Iterator[tuple[str, bool]]:
+    """Every dotted key of the tree as ``(key, is_leaf)``, sections before their fields."""
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield key, False
+            yield from iter_keys(annotation, f"{key}.")
+        else:
+            yield key, True
+
+
+def env_var_name(key: str) -> str:
+    """Environment variable that sets a dotted key: ``redis.url`` -> ``HAPO_REDIS_URL``."""
+    return ENV_PREFIX + key.replace(".", "_").upper()
+
+
+def _suggest(key: str) -> str:
+    known = [k for k, _ in iter_keys()]
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if not close:  # a typo in the last component: compare against siblings only
+        parent = key.rpartition(".")[0]
+        siblings = [k for k in known if k.rpartition(".")[0] == parent]
+        close = difflib.get_close_matches(key, siblings, n=1, cutoff=0.0)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = key.split(".")
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{key}: '{part}' is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _env_layer(environ: Mapping[str, str]) -> dict[str, Any]:
+    by_env = {env_var_name(key): key for key, leaf in iter_keys() if leaf}
+    layer: dict[str, Any] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == "HAPO_CONFIG":
+            continue
+        if name not in by_env:
+            close = difflib.get_close_matches(name, list(by_env), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown environment variable {name}{hint}")
+        _set_dotted(layer, by_env[name], value)
+    return layer
+
+
+def _override_layer(overrides: Sequence[str]) -> dict[str, Any]:
+    layer: dict[str, Any] = {}
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{override}' is not of the form key=value")
+        _set_dotted(layer, key.strip(), value)
+    return layer
+
+
+def _format_errors(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"])
+        if item["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{key}'{_suggest(key)}")
+        elif key:
+            lines.append(f"{key}: {item['msg']} (got {item.get('input')!r})")
+        else:
+            lines.append(item["msg"].removeprefix("Value error, "))
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def load_config(
+    config_file: Path | str | None = None,
+    overrides: Sequence[str] = (),
+    environ: Mapping[str, str] | None = None,
+) -> HapoConfig:
+    """Build and validate the config from a YAML file, the environment and overrides.
+
+    Args:
+        config_file: optional YAML file in the verl layout.
+        overrides: ``key=value`` strings (``actor_rollout_ref.rollout.n=16``).
+        environ: environment to read ``HAPO_*`` variables from; ``os.environ`` by default.
+
+    Raises:
+        ConfigError: unreadable file, unknown key or environment variable, or bad value.
+    """
+    tree: dict[str, Any] = {}
+    if config_file is not None:
+        path = Path(config_file)
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(
+                f"config file {path} must hold a mapping, not {type(loaded).__name__}"
+            )
+        tree = loaded or {}
+    tree = _merge(tree, _env_layer(os.environ if environ is None else environ))
+    tree = _merge(tree, _override_layer(overrides))
+    try:
+        return HapoConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc)) from None
