@@ -36,7 +36,9 @@ ConfigFile = Annotated[
 ]
 Overrides = Annotated[
     list[str] | None,
-    typer.Argument(help="Dotted overrides, e.g. actor_rollout_ref.rollout.n=16", show_default=False),
+    typer.Argument(
+        help="Dotted overrides, e.g. actor_rollout_ref.rollout.n=16", show_default=False
+    ),
 ]
 
 
@@ -108,9 +110,7 @@ def redis_ensure(overrides: Overrides = None, config_file: ConfigFile = None) ->
     typer.echo(f"{'started' if started else 'found'} Redis at {config.redis.url}")
 
 
-@app.command(
-    "bench", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
-)
+@app.command("bench", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench(ctx: typer.Context, name: Benchmark) -> None:
     """Run a benchmark; its own flags follow the name (hapo bench NAME --help).
 

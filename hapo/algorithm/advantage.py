@@ -1,9 +1,9 @@
 """Outcome advantages: GRPO (verl semantics) and HAPO's token-level group average.
 
-Both are vectorised with segment reductions over a group id per sample (``index_add_`` /
-``scatter_reduce``): no Python loop over samples or groups. Group statistics are
-accumulated in fp64 on ``[B]``-sized vectors, so a group of equal scores has a standard
-deviation of exactly 0 rather than rounding noise.
+Both are vectorised with segment reductions (``index_add_``) over a group id per sample:
+no Python loop over samples or groups. Group statistics are accumulated in fp64 on
+``[B]``-sized vectors, where the mean of equal fp32 scores is exact, so a group of equal
+scores has a standard deviation of exactly 0 rather than rounding noise.
 """
 
 from __future__ import annotations
@@ -25,19 +25,22 @@ def _string_group_ids(labels: np.ndarray) -> torch.Tensor:
     """Dense ids ``[B]`` of fixed-width unicode labels (e.g. verl's uuid ``uid`` strings).
 
     Sorting strings (``np.unique``) would dominate the advantage's run time, so each label
-    is hashed to int64 in one vectorised pass (a polynomial over its code points, in
-    wrapping arithmetic) and the hashes are grouped instead. The grouping is then
-    verified exactly against the code points; on a hash collision the strings are sorted.
+    is hashed to an int64 in one vectorised pass (a polynomial over its 8-byte words in
+    wrapping integer arithmetic, so equal labels always get equal hashes) and the hashes
+    are grouped instead. Each group is then checked against the code points; on a hash
+    collision the strings are sorted after all.
     """
-    codes = torch.from_numpy(labels.view(np.int32).reshape(len(labels), -1))
+    if labels.dtype.itemsize % 8:  # pad to whole 8-byte words (an even number of chars)
+        labels = labels.astype(f"<U{labels.dtype.itemsize // 4 + 1}")
+    codes = torch.from_numpy(labels.view(np.int64).reshape(len(labels), -1))
     powers = np.cumprod(np.full(codes.shape[1], _HASH_BASE, dtype=np.uint64)).view(np.int64)
-    hashes = (codes.long() * torch.from_numpy(powers)).sum(dim=-1)
+    hashes = (codes * torch.from_numpy(powers)).sum(dim=-1)
     unique_hashes, inverse = torch.unique(hashes, return_inverse=True)
     rows = torch.arange(len(labels))
     first = rows.new_full((len(unique_hashes),), len(labels)).scatter_reduce(
         0, inverse, rows, "amin"
     )
-    if not torch.equal(codes[first[inverse]], codes):
+    if not torch.equal(codes.index_select(0, first[inverse]), codes):
         inverse = torch.from_numpy(np.unique(labels, return_inverse=True)[1].reshape(-1))
     return inverse
 
@@ -63,26 +66,26 @@ def group_ids(
 
 
 def _segment_sum(values: torch.Tensor, groups: torch.Tensor, num_groups: int) -> torch.Tensor:
-    return values.new_zeros(num_groups).index_add_(0, groups, values)
+    """Per-group sums of ``values`` ``[B, ...]`` -> ``[G, ...]``."""
+    return values.new_zeros((num_groups, *values.shape[1:])).index_add_(0, groups, values)
 
 
-def _grpo_sample_advantage(
+def _grpo_from_moments(
     scores: torch.Tensor,
     groups: torch.Tensor,
-    num_groups: int,
+    count: torch.Tensor,
+    mean: torch.Tensor,
+    sq_dev_sum: torch.Tensor,
     epsilon: float,
     norm_adv_by_std_in_grpo: bool,
 ) -> torch.Tensor:
-    """GRPO advantage of each sample from fp64 scores ``[B]`` -> ``[B]``."""
-    count = _segment_sum(torch.ones_like(scores), groups, num_groups)
-    mean = _segment_sum(scores, groups, num_groups) / count
-    sq_dev = (scores - mean[groups]).square()
-    std = (_segment_sum(sq_dev, groups, num_groups) / (count - 1)).sqrt()
+    """GRPO advantage ``[B]`` from per-group sample count, mean and summed squared deviation
+    ``[G]`` (verl: unbiased std; a group of one uses mean 0 and std 1)."""
     singleton = count == 1
     mean = torch.where(singleton, 0.0, mean)
-    std = torch.where(singleton, 1.0, std)
     advantage = scores - mean[groups]
     if norm_adv_by_std_in_grpo:
+        std = torch.where(singleton, 1.0, (sq_dev_sum / (count - 1)).sqrt())
         advantage = advantage / (std[groups] + epsilon)
     return advantage
 
@@ -126,7 +129,12 @@ def compute_grpo_outcome_advantage(
     """
     scores = token_level_rewards.sum(dim=-1).double()
     groups, num_groups = group_ids(index, scores.device)
-    advantage = _grpo_sample_advantage(scores, groups, num_groups, epsilon, norm_adv_by_std_in_grpo)
+    moments = _segment_sum(torch.stack([torch.ones_like(scores), scores], -1), groups, num_groups)
+    count, mean = moments[:, 0], moments[:, 1] / moments[:, 0]
+    sq_dev_sum = _segment_sum((scores - mean[groups]).square(), groups, num_groups)
+    advantage = _grpo_from_moments(
+        scores, groups, count, mean, sq_dev_sum, epsilon, norm_adv_by_std_in_grpo
+    )
     mask = _float_mask(response_mask, token_level_rewards)
     advantages = _broadcast_to_tokens(advantage, mask, token_level_rewards.dtype)
     return advantages, advantages
@@ -172,29 +180,36 @@ def compute_hapo_outcome_advantage(
     lengths = mask.sum(dim=-1).double()
     groups, num_groups = group_ids(index, scores.device)
 
-    group_tokens = _segment_sum(lengths, groups, num_groups)
-    mean = _segment_sum(lengths * scores, groups, num_groups) / group_tokens
-    sq_dev = lengths * (scores - mean[groups]).square()
-    var = _segment_sum(sq_dev, groups, num_groups) / group_tokens
-    denominator = var.sqrt() + epsilon if norm_adv_by_std_in_grpo else torch.ones_like(var)
+    # Sample-level (GRPO) and token-level (HAPO) first moments in one segment reduction.
+    ones = torch.ones_like(scores)
+    moments = _segment_sum(
+        torch.stack([ones, scores, lengths, lengths * scores], -1), groups, num_groups
+    )
+    count, grpo_mean = moments[:, 0], moments[:, 1] / moments[:, 0]
+    group_tokens, mean = moments[:, 2], moments[:, 3] / moments[:, 2]
+    grpo_dev, dev = scores - grpo_mean[groups], scores - mean[groups]
+    sq_devs = _segment_sum(
+        torch.stack([grpo_dev.square(), lengths * dev.square()], -1), groups, num_groups
+    )
+    denominator = (sq_devs[:, 1] / group_tokens).sqrt() + epsilon
+    if not norm_adv_by_std_in_grpo:
+        denominator = torch.ones_like(denominator)
 
+    # Equal fp32 scores have an exact fp64 mean, so a group of equal scores gets deviation
+    # (and advantage) exactly 0, not rounding noise / eps; a group with no valid token
+    # has a NaN mean and gets 0 too.
     has_tokens = lengths > 0
-    inf = torch.full_like(mean, float("inf"))
-    group_max = (-inf).scatter_reduce(0, groups, torch.where(has_tokens, scores, -inf[0]), "amax")
-    group_min = inf.scatter_reduce(0, groups, torch.where(has_tokens, scores, inf[0]), "amin")
-    constant = ~(group_max > group_min)
-
-    normed = (scores - mean[groups]) / denominator[groups]
-    normed = torch.where(constant[groups], 0.0, normed)
+    normed = torch.where(has_tokens, dev / denominator[groups], 0.0)
 
     outlier = has_tokens & (normed.abs() >= FALLBACK_THRESHOLD)
     if reference_padding_fallback:
-        padding_value = -mean / denominator
-        has_padding = lengths < mask.shape[-1]
-        outlier |= has_padding & (padding_value.abs() >= FALLBACK_THRESHOLD)[groups]
+        padding_outlier = (mean / denominator).abs() >= FALLBACK_THRESHOLD
+        outlier |= (lengths < mask.shape[-1]) & padding_outlier[groups]
     fallback = _segment_sum(outlier.double(), groups, num_groups) > 0
 
-    grpo = _grpo_sample_advantage(scores, groups, num_groups, epsilon, norm_adv_by_std_in_grpo)
+    grpo = _grpo_from_moments(
+        scores, groups, count, grpo_mean, sq_devs[:, 0], epsilon, norm_adv_by_std_in_grpo
+    )
     advantage = torch.where(fallback[groups], grpo, normed)
     advantages = _broadcast_to_tokens(advantage, mask, token_level_rewards.dtype)
     return advantages, advantages

@@ -9,7 +9,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from benchmarks.spec_reference import grpo_advantage_loop, hapo_advantage_loop
-from hapo.algorithm import compute_grpo_outcome_advantage, compute_hapo_outcome_advantage
+from hapo.algorithm import advantage as advantage_module
+from hapo.algorithm import (
+    compute_grpo_outcome_advantage,
+    compute_hapo_outcome_advantage,
+    group_ids,
+)
 
 # Dyadic rewards keep group sums exact in fp32, so loop and vectorised forms see the same
 # ties (equal scores, std exactly 0).
@@ -160,6 +165,14 @@ def test_index_label_types_agree(index_kind: str) -> None:
     got, _ = compute_hapo_outcome_advantage(rewards, mask, index)
     expected, _ = compute_hapo_outcome_advantage(rewards, mask, np.array(labels))
     assert torch.equal(got, expected)
+
+
+def test_string_hash_collision_falls_back_to_sorting(monkeypatch: pytest.MonkeyPatch) -> None:
+    labels = np.array(["b", "a", "b", "c", "a"])
+    monkeypatch.setattr(advantage_module, "_HASH_BASE", np.uint64(0))  # every hash collides
+    groups, num_groups = group_ids(labels, torch.device("cpu"))
+    assert num_groups == 3
+    assert groups.tolist() == [1, 0, 1, 2, 0]
 
 
 def test_keeps_dtype_and_device() -> None:

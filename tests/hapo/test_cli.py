@@ -13,7 +13,11 @@ HAPO = str(Path(sys.executable).with_name("hapo"))
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [HAPO, *args], capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})}
+        [HAPO, *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -49,7 +53,18 @@ def test_config_error_exit_code_and_message(tmp_path: Path) -> None:
 
 
 def test_bench_advantage_small() -> None:
-    result = run("bench", "advantage", "--groups", "8", "--group-size", "4", "--seq-len", "32", "--repeats", "2")
+    result = run(
+        "bench",
+        "advantage",
+        "--groups",
+        "8",
+        "--group-size",
+        "4",
+        "--seq-len",
+        "32",
+        "--repeats",
+        "2",
+    )
     assert result.returncode == 0, result.stderr
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["bench"] == "advantage"
@@ -58,7 +73,18 @@ def test_bench_advantage_small() -> None:
 
 
 def test_bench_entropy_small() -> None:
-    result = run("bench", "entropy", "--batch", "2", "--seq-len", "64", "--vocab", "500", "--chunk-size", "16")
+    result = run(
+        "bench",
+        "entropy",
+        "--batch",
+        "2",
+        "--seq-len",
+        "64",
+        "--vocab",
+        "500",
+        "--chunk-size",
+        "16",
+    )
     assert result.returncode == 0, result.stderr
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["bench"] == "entropy"

@@ -102,7 +102,7 @@ def test_override_below_a_value() -> None:
 
 
 def test_overlong_buffer_must_fit_the_response() -> None:
-    with pytest.raises(ConfigError, match="reward.overlong_buffer.len"):
+    with pytest.raises(ConfigError, match=r"reward\.overlong_buffer\.len"):
         load_config(
             overrides=["reward.overlong_buffer.enable=true", "reward.overlong_buffer.len=64"],
             environ={},
@@ -124,7 +124,9 @@ def test_precedence_file_env_override(tmp_path: Path) -> None:
 
 
 def test_deployment_env_vars_and_unknown_ones() -> None:
-    config = load_config(environ={"HAPO_REDIS_URL": "redis://redis:6379/1", "HAPO_API_TOKEN": "t0k"})
+    config = load_config(
+        environ={"HAPO_REDIS_URL": "redis://redis:6379/1", "HAPO_API_TOKEN": "t0k"}
+    )
     assert config.redis.url == "redis://redis:6379/1"
     assert config.api.token is not None and config.api.token.get_secret_value() == "t0k"
     with pytest.raises(ConfigError, match="HAPO_REDIS_URLL; did you mean 'HAPO_REDIS_URL'"):
