@@ -110,6 +110,19 @@ def redis_ensure(overrides: Overrides = None, config_file: ConfigFile = None) ->
     typer.echo(f"{'started' if started else 'found'} Redis at {config.redis.url}")
 
 
+@app.command("reward")
+def reward(
+    overrides: Overrides = None,
+    config_file: ConfigFile = None,
+    consumer: Annotated[
+        str | None, typer.Option(help="Consumer name in the group (default: host-pid).")
+    ] = None,
+) -> None:
+    """Run a reward worker: score <prefix>:trajectories into <prefix>:scored."""
+    config = _load(config_file, overrides)
+    importlib.import_module("services.reward.worker").run(config, consumer)
+
+
 @app.command("bench", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench(ctx: typer.Context, name: Benchmark) -> None:
     """Run a benchmark; its own flags follow the name (hapo bench NAME --help).

@@ -113,6 +113,21 @@ class OverlongBufferConfig(_Section):
 
 
 class RewardConfig(_Section):
+    scorer: str = Field("math", pattern=r"^(math|[\w.]+:\w+)$")
+    """Correctness scorer: ``math`` (math-verify with an exact integer fast path) or a
+    ``module:function(response_text, gold_answer) -> float``."""
+    format_reward: float = Field(0.0, ge=0.0, le=1.0)
+    """Bonus when the response puts its answer in \\boxed{} (0 = off)."""
+    timeout_s: float = Field(5.0, gt=0.0, le=600.0)
+    """Time limit of one score; past it the reward is 0 with reason ``timeout``."""
+    max_scored_chars: int = Field(8192, ge=64, le=10_000_000)
+    """Only the last characters of a response are scored (answers come last)."""
+    batch_size: int = Field(256, ge=1, le=10_000)
+    """Trajectories read and scored per batch."""
+    reclaim_idle_s: float = Field(30.0, gt=0.0, le=86_400.0)
+    """Pending trajectories of a worker silent this long are taken over."""
+    http_port: int = Field(8002, ge=0, le=65535)
+    """Port of /healthz, /readyz and /metrics (0 = no HTTP server)."""
     overlong_buffer: OverlongBufferConfig = OverlongBufferConfig()
     """Length penalty near the maximum response length."""
 
@@ -143,6 +158,8 @@ class ModelConfig(_Section):
 class RedisConfig(_Section):
     url: str = Field("redis://127.0.0.1:6379/0", pattern=r"^(redis|rediss|unix)://")
     """Redis server carrying all streams."""
+    stream_prefix: str = Field("hapo", pattern=r"^[A-Za-z0-9_.-]+$", max_length=64)
+    """Streams are named ``<prefix>:prompts``, ``<prefix>:trajectories``, ..."""
 
 
 class ApiConfig(_Section):

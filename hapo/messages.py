@@ -1,0 +1,205 @@
+"""Wire schema of the Redis streams: one pydantic model per stream, msgpack on the wire.
+
+Token ids and log-probs travel as little-endian binary (``<i4`` / ``<f4`` bytes inside the
+msgpack map), never as lists of numbers. Every message is one stream entry with a single
+field, ``data``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal, Self
+
+import msgpack
+import numpy as np
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    model_validator,
+)
+
+DATA_FIELD = b"data"
+
+
+class MalformedMessage(ValueError):
+    """A stream entry that cannot be decoded or validated; the message says why."""
+
+
+def _array(dtype: str) -> Any:
+    """Annotated 1-D numpy array of ``dtype``: accepts arrays, lists or raw bytes."""
+    item_size = np.dtype(dtype).itemsize
+
+    def validate(value: Any) -> np.ndarray:
+        if isinstance(value, bytes | bytearray | memoryview):
+            if len(value) % item_size:
+                raise ValueError(f"{len(value)} bytes is not a whole number of {dtype} items")
+            return np.frombuffer(value, dtype=dtype)
+        array = np.asarray(value)
+        if array.ndim != 1:
+            raise ValueError(f"expected a 1-D array, got shape {array.shape}")
+        if array.size and not np.can_cast(array.dtype, dtype, casting="same_kind"):
+            raise ValueError(f"cannot hold {array.dtype} values as {dtype}")
+        return array.astype(dtype, copy=False)
+
+    return Annotated[
+        np.ndarray,
+        BeforeValidator(validate),
+        PlainSerializer(lambda array: np.ascontiguousarray(array, dtype=dtype).tobytes()),
+    ]
+
+
+TokenIds = _array("<i4")
+LogProbs = _array("<f4")
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, arbitrary_types_allowed=True, use_attribute_docstrings=True
+    )
+
+    def encode(self) -> dict[bytes, bytes]:
+        """Fields of the stream entry (``XADD``)."""
+        return {DATA_FIELD: msgpack.packb(self.model_dump(), use_bin_type=True)}
+
+    @classmethod
+    def decode(cls, fields: dict[bytes, bytes]) -> Self:
+        """Parse a stream entry's fields (``XREADGROUP``).
+
+        Raises:
+            MalformedMessage: missing field, bad msgpack, or a schema violation; the
+                message names the problem and is fit for the dead-letter stream.
+        """
+        payload = fields.get(DATA_FIELD)
+        if payload is None:
+            raise MalformedMessage(f"no '{DATA_FIELD.decode()}' field (fields: {sorted(fields)})")
+        try:
+            raw = msgpack.unpackb(payload, raw=False)
+        except (ValueError, msgpack.UnpackException) as exc:
+            raise MalformedMessage(f"undecodable msgpack ({type(exc).__name__}: {exc})") from None
+        if not isinstance(raw, dict):
+            raise MalformedMessage(f"payload is a {type(raw).__name__}, not a map")
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}"
+                for e in exc.errors()
+            )
+            raise MalformedMessage(f"invalid {cls.__name__}: {problems}") from None
+
+
+class SampleKey(BaseModel):
+    """Identity of one sample: a redelivered copy carries the same key."""
+
+    model_config = ConfigDict(frozen=True)
+
+    run_id: str
+    group_id: str
+    sample_idx: int
+    policy_version: int
+
+
+class PromptGroup(_Message):
+    """One prompt to sample ``n`` times (``hapo:prompts``)."""
+
+    run_id: str = Field(min_length=1, max_length=128)
+    """Training run this prompt belongs to."""
+    group_id: str = Field(min_length=1, max_length=128)
+    """Unique id of the prompt group within the run."""
+    prompt_ids: TokenIds
+    """Prompt token ids, chat template applied."""
+    answer: str = Field(max_length=4096)
+    """Gold answer, passed through to the reward."""
+    n: int = Field(ge=1, le=1024)
+    """Samples to draw."""
+    policy_version: int = Field(ge=0)
+    """Learner version when the prompt was queued."""
+    enqueued_at: float = Field(default_factory=time.time)
+    """Unix time the prompt was queued."""
+
+
+class Trajectory(_Message):
+    """One finished sample (``hapo:trajectories``)."""
+
+    run_id: str = Field(min_length=1, max_length=128)
+    """Training run."""
+    group_id: str = Field(min_length=1, max_length=128)
+    """Prompt group."""
+    sample_idx: int = Field(ge=0)
+    """Index of the sample within its group, in ``[0, n)``."""
+    n: int = Field(ge=1, le=1024)
+    """Group size."""
+    policy_version: int = Field(ge=0)
+    """Policy version that started the sample."""
+    policy_version_end: int = Field(ge=0)
+    """Policy version that finished it (higher when weights changed mid-sample)."""
+    prompt_ids: TokenIds
+    """Prompt token ids."""
+    response_ids: TokenIds
+    """Generated token ids."""
+    logprobs: LogProbs
+    """Behaviour log-prob of each generated token (after the adaptive temperature)."""
+    finish_reason: Literal["stop", "length", "abort"]
+    """Why generation ended."""
+    answer: str = Field(max_length=4096)
+    """Gold answer."""
+    created_at: float = Field(default_factory=time.time)
+    """Unix time generation finished."""
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> Self:
+        if len(self.logprobs) != len(self.response_ids):
+            raise ValueError(
+                f"logprobs has {len(self.logprobs)} entries for {len(self.response_ids)} tokens"
+            )
+        if self.sample_idx >= self.n:
+            raise ValueError(f"sample_idx {self.sample_idx} is not below n={self.n}")
+        if self.policy_version_end < self.policy_version:
+            raise ValueError("policy_version_end is below policy_version")
+        return self
+
+    @property
+    def key(self) -> SampleKey:
+        """Idempotency key: duplicates after a redelivery share it."""
+        return SampleKey(
+            run_id=self.run_id,
+            group_id=self.group_id,
+            sample_idx=self.sample_idx,
+            policy_version=self.policy_version,
+        )
+
+
+class ScoredTrajectory(Trajectory):
+    """A trajectory with its reward (``hapo:scored``)."""
+
+    reward: float
+    """Scalar outcome reward."""
+    reward_reason: str = Field(max_length=256)
+    """Why: ``correct``, ``wrong``, ``no_answer``, ``timeout``, ... (for metrics and debugging)."""
+    scored_at: float = Field(default_factory=time.time)
+    """Unix time the reward was computed."""
+
+    @classmethod
+    def from_trajectory(cls, trajectory: Trajectory, reward: float, reason: str) -> Self:
+        return cls(**dict(trajectory), reward=reward, reward_reason=reason)
+
+
+class DeadLetter(_Message):
+    """A message no consumer could use (``hapo:dead``), kept with the reason."""
+
+    source_stream: str
+    """Stream the message came from."""
+    source_id: str
+    """Its entry id there."""
+    consumer: str
+    """Consumer that gave up on it."""
+    reason: str
+    """Why it was rejected."""
+    fields: dict[bytes, bytes]
+    """The original entry, byte for byte."""
+    failed_at: float = Field(default_factory=time.time)
+    """Unix time."""

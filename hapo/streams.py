@@ -1,0 +1,195 @@
+"""Redis streams: names, consumer groups, at-least-once reading, dead letters, trimming.
+
+Delivery contract shared by every service:
+
+- Each service kind reads its input stream in one consumer group; several replicas share it.
+- An entry is acknowledged in the same ``MULTI`` transaction that publishes its output, so
+  output and acknowledgement happen together or not at all.
+- Entries left pending by a consumer that died are taken over with ``XAUTOCLAIM`` once idle
+  for ``reclaim_idle_ms``; outputs carry an idempotency key so a rare double delivery (a
+  slow consumer, not a dead one) can be dropped downstream.
+- An entry that cannot be decoded goes to the dead-letter stream with the reason.
+- Streams are trimmed only below the oldest entry some consumer group still needs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from hapo.messages import DeadLetter
+
+ROLLOUT_GROUP = "rollout"
+REWARD_GROUP = "reward"
+TRAINER_GROUP = "trainer"
+
+
+@dataclass(frozen=True)
+class StreamNames:
+    """Names of the streams under one prefix (``hapo`` by default; tests use their own)."""
+
+    prefix: str = "hapo"
+
+    @property
+    def prompts(self) -> str:
+        return f"{self.prefix}:prompts"
+
+    @property
+    def trajectories(self) -> str:
+        return f"{self.prefix}:trajectories"
+
+    @property
+    def scored(self) -> str:
+        return f"{self.prefix}:scored"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.prefix}:dead"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One stream entry as read."""
+
+    id: bytes
+    fields: dict[bytes, bytes]
+
+
+async def ensure_group(client: aioredis.Redis, stream: str, group: str) -> None:
+    """Create ``group`` on ``stream`` (and the stream) reading from the start; idempotent.
+
+    Producers call it for their consumers' group too, so that nothing published before a
+    consumer first starts can be trimmed away.
+    """
+    try:
+        await client.xgroup_create(stream, group, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+@dataclass
+class StreamConsumer:
+    """Reads one stream in a consumer group: its own pending entries first (after a
+    restart under the same name), then entries idle too long at dead consumers, then new
+    ones. Acknowledging is left to the caller's publishing transaction."""
+
+    client: aioredis.Redis
+    stream: str
+    group: str
+    consumer: str
+    batch_size: int = 256
+    block_ms: int = 1000
+    reclaim_idle_ms: int = 30_000
+    _replaying_own: bool = field(default=True, init=False)
+    _claim_cursor: str = field(default="0-0", init=False)
+    _next_claim_at: float = field(default=0.0, init=False)
+
+    async def start(self) -> None:
+        await ensure_group(self.client, self.stream, self.group)
+
+    async def read(self) -> list[Entry]:
+        """The next batch (possibly empty after ``block_ms``)."""
+        if self._replaying_own:
+            own = await self._read_group("0", block_ms=None)
+            if own:
+                return own
+            self._replaying_own = False
+        claimed = await self._reclaim()
+        if claimed:
+            return claimed
+        return await self._read_group(">", block_ms=self.block_ms)
+
+    def recover(self) -> None:
+        """After a failed batch (e.g. Redis went away): re-read this consumer's own pending
+        entries before anything new."""
+        self._replaying_own = True
+
+    async def _read_group(self, start: str, block_ms: int | None) -> list[Entry]:
+        try:
+            response = await self.client.xreadgroup(
+                self.group, self.consumer, {self.stream: start}, count=self.batch_size,
+                block=block_ms,
+            )  # fmt: skip
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc) and "no longer exists" not in str(exc):
+                raise
+            await ensure_group(self.client, self.stream, self.group)  # the stream was deleted
+            return []
+        if not response:
+            return []
+        _, entries = response[0]
+        # An entry trimmed while pending comes back without fields: nothing is left to
+        # process, so only its pending record is cleared.
+        gone = [entry_id for entry_id, fields in entries if not fields]
+        if gone:
+            await self.client.xack(self.stream, self.group, *gone)
+        return [Entry(entry_id, fields) for entry_id, fields in entries if fields]
+
+    async def _reclaim(self) -> list[Entry]:
+        now = time.monotonic()
+        if now < self._next_claim_at:
+            return []
+        next_cursor, entries, *_ = await self.client.xautoclaim(
+            self.stream,
+            self.group,
+            self.consumer,
+            min_idle_time=self.reclaim_idle_ms,
+            start_id=self._claim_cursor,
+            count=self.batch_size,
+        )
+        self._claim_cursor = next_cursor.decode() if isinstance(next_cursor, bytes) else next_cursor
+        if self._claim_cursor == "0-0":  # a full pass over the pending list: rest a while
+            self._next_claim_at = now + self.reclaim_idle_ms / 2000
+        return [Entry(entry_id, fields) for entry_id, fields in entries if fields]
+
+    def dead_letter(
+        self, pipe: aioredis.client.Pipeline, dead_stream: str, entry: Entry, reason: str
+    ) -> None:
+        """Queue on ``pipe``: copy ``entry`` to the dead-letter stream with ``reason``."""
+        letter = DeadLetter(
+            source_stream=self.stream,
+            source_id=entry.id.decode(),
+            consumer=self.consumer,
+            reason=reason,
+            fields=entry.fields,
+        )
+        pipe.xadd(dead_stream, letter.encode())
+
+    def ack(self, pipe: aioredis.client.Pipeline, entries: list[Entry]) -> None:
+        """Queue on ``pipe``: acknowledge ``entries``."""
+        if entries:
+            pipe.xack(self.stream, self.group, *(entry.id for entry in entries))
+
+
+def _next_id(entry_id: bytes) -> bytes:
+    millis, sequence = entry_id.split(b"-")
+    return b"%s-%d" % (millis, int(sequence) + 1)
+
+
+async def trim_acknowledged(client: aioredis.Redis, stream: str) -> int:
+    """Drop entries every consumer group of ``stream`` has acknowledged.
+
+    Keeps everything from the oldest entry that some group still has pending or has not
+    yet read; a stream without groups is left alone. Returns the number of entries removed.
+    """
+    try:
+        groups = await client.xinfo_groups(stream)
+    except ResponseError:  # no such stream
+        return 0
+    if not groups:
+        return 0
+    keep_from: list[bytes] = []
+    for group in groups:
+        pending = await client.xpending(stream, group["name"])
+        if pending["pending"]:
+            min_id = pending["min"]
+            keep_from.append(min_id if isinstance(min_id, bytes) else min_id.encode())
+        else:
+            last = group["last-delivered-id"]
+            keep_from.append(_next_id(last if isinstance(last, bytes) else last.encode()))
+    oldest = min(keep_from, key=lambda entry_id: tuple(int(p) for p in entry_id.split(b"-")))
+    return await client.xtrim(stream, minid=oldest, approximate=False)

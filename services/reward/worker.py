@@ -1,0 +1,180 @@
+"""Reward worker: trajectories in, scored trajectories out.
+
+    hapo reward [--config FILE] [key=value ...]
+
+Reads ``<prefix>:trajectories`` in the ``reward`` consumer group, decodes each response
+with the model's tokenizer, scores it in a child process under a time limit, and
+publishes to ``<prefix>:scored`` in the same transaction that acknowledges the input.
+Malformed entries go to ``<prefix>:dead`` with the reason. Several workers share the
+group; a dead worker's pending entries are taken over after ``reward.reclaim_idle_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from tokenizers import Tokenizer
+
+from hapo.config import HapoConfig
+from hapo.messages import MalformedMessage, ScoredTrajectory, Trajectory
+from hapo.rewards import RewardFunction
+from hapo.runtime import serve_http, setup_logging, stop_event_on_signals
+from hapo.streams import (
+    REWARD_GROUP,
+    TRAINER_GROUP,
+    Entry,
+    StreamConsumer,
+    StreamNames,
+    ensure_group,
+    trim_acknowledged,
+)
+from services.reward.app import RewardMetrics, WorkerState, create_app
+from services.reward.sandbox import ScoreItem, ScoringSandbox
+
+# How often the input stream is trimmed below what every group has acknowledged.
+_TRIM_INTERVAL_S = 10.0
+# Pause before retrying when Redis is unreachable.
+_RETRY_S = 1.0
+
+logger = logging.getLogger("hapo.reward")
+
+
+def reward_function(config: HapoConfig) -> RewardFunction:
+    """The configured reward, as the scorer child process will run it."""
+    reward, overlong = config.reward, config.reward.overlong_buffer
+    return RewardFunction(
+        scorer=reward.scorer,
+        format_reward=reward.format_reward,
+        max_scored_chars=reward.max_scored_chars,
+        overlong_enable=overlong.enable,
+        overlong_len=overlong.len,
+        overlong_penalty_factor=overlong.penalty_factor,
+        max_response_length=config.data.max_response_length,
+    )
+
+
+def load_tokenizer(config: HapoConfig) -> Tokenizer:
+    path = config.model.local_path / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no tokenizer at {path} (model.path={config.model.path})")
+    return Tokenizer.from_file(str(path))
+
+
+class RewardWorker:
+    """One worker: the loop over batches, and the state its HTTP endpoints report."""
+
+    def __init__(self, config: HapoConfig, consumer_name: str | None = None) -> None:
+        self.config = config
+        self.names = StreamNames(config.redis.stream_prefix)
+        self.client = aioredis.from_url(config.redis.url)
+        self.consumer = StreamConsumer(
+            self.client,
+            self.names.trajectories,
+            REWARD_GROUP,
+            consumer_name or f"reward-{socket.gethostname()}-{os.getpid()}",
+            batch_size=config.reward.batch_size,
+            reclaim_idle_ms=int(config.reward.reclaim_idle_s * 1000),
+        )
+        self.tokenizer = load_tokenizer(config)
+        self.sandbox = ScoringSandbox(reward_function(config), config.reward.timeout_s)
+        self.metrics = RewardMetrics()
+        self.state = WorkerState(client=self.client, metrics=self.metrics)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Score batches until ``stop`` is set; the batch in hand is finished first."""
+        await self.consumer.start()
+        await ensure_group(self.client, self.names.scored, TRAINER_GROUP)
+        self.sandbox.start()
+        next_trim = time.monotonic() + _TRIM_INTERVAL_S
+        try:
+            while not stop.is_set():
+                self.state.scorer_alive = self.sandbox.alive
+                try:
+                    entries = await self.consumer.read()
+                    if entries:
+                        await self.process(entries)
+                    if time.monotonic() >= next_trim:
+                        await trim_acknowledged(self.client, self.names.trajectories)
+                        next_trim = time.monotonic() + _TRIM_INTERVAL_S
+                except (RedisConnectionError, RedisTimeoutError) as exc:
+                    # Nothing was acknowledged: the batch stays pending and is read again.
+                    logger.warning("Redis unavailable (%s); retrying in %.0f s", exc, _RETRY_S)
+                    self.consumer.recover()
+                    await asyncio.sleep(_RETRY_S)
+        finally:
+            self.sandbox.close()
+            self.state.scorer_alive = False
+            await self.client.aclose()
+
+    async def process(self, entries: list[Entry]) -> None:
+        """Score ``entries`` and publish the results; acknowledge all of them at once."""
+        started = time.perf_counter()
+        trajectories: list[Trajectory] = []
+        rejected: list[tuple[Entry, str]] = []
+        for entry in entries:
+            try:
+                trajectories.append(Trajectory.decode(entry.fields))
+            except MalformedMessage as exc:
+                rejected.append((entry, str(exc)))
+        texts = self.tokenizer.decode_batch(
+            [trajectory.response_ids.tolist() for trajectory in trajectories],
+            skip_special_tokens=True,
+        )
+        items = [
+            ScoreItem(text, trajectory.answer, len(trajectory.response_ids))
+            for text, trajectory in zip(texts, trajectories, strict=True)
+        ]
+        scores = await asyncio.to_thread(self.sandbox.score, items)
+
+        scored = [
+            ScoredTrajectory.from_trajectory(trajectory, score.reward, score.reason)
+            for trajectory, score in zip(trajectories, scores, strict=True)
+        ]
+        pipe = self.client.pipeline(transaction=True)
+        for message in scored:
+            pipe.xadd(self.names.scored, message.encode())
+        for entry, reason in rejected:
+            self.consumer.dead_letter(pipe, self.names.dead, entry, reason)
+        self.consumer.ack(pipe, entries)
+        await pipe.execute()
+        self._record(scored, len(rejected), time.perf_counter() - started)
+
+    def _record(self, scored: list[ScoredTrajectory], rejected: int, seconds: float) -> None:
+        metrics = self.metrics
+        now = time.time()
+        for message in scored:
+            metrics.scored.labels(reason=message.reward_reason).inc()
+            metrics.latency.observe(max(now - message.created_at, 0.0))
+        metrics.timeouts.inc(sum(message.reward_reason == "timeout" for message in scored))
+        metrics.dead_lettered.inc(rejected)
+        if scored:
+            metrics.reward_mean.set(sum(message.reward for message in scored) / len(scored))
+        metrics.scored_per_second.set(len(scored) / max(seconds, 1e-9))
+        metrics.scorer_restarts.set(self.sandbox.restarts)
+
+
+async def _main(config: HapoConfig, consumer_name: str | None) -> None:
+    stop = stop_event_on_signals()
+    worker = RewardWorker(config, consumer_name)
+    tasks = [asyncio.create_task(worker.run(stop))]
+    if config.reward.http_port:
+        app = create_app(worker.state)
+        tasks.append(
+            asyncio.create_task(serve_http(app, config.api.host, config.reward.http_port, stop))
+        )
+    await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    stop.set()
+    await asyncio.gather(*tasks)
+
+
+def run(config: HapoConfig, consumer_name: str | None = None) -> None:
+    """Entry point of ``hapo reward``: run one worker until SIGINT/SIGTERM."""
+    setup_logging("reward", config)
+    asyncio.run(_main(config, consumer_name))
