@@ -24,7 +24,7 @@ from tokenizers import Tokenizer
 
 from hapo.config import HapoConfig
 from hapo.messages import MalformedMessage, ScoredTrajectory, Trajectory
-from hapo.rewards import RewardFunction
+from hapo.rewards import RewardFunction, load_score_fn
 from hapo.runtime import serve_http, setup_logging, stop_event_on_signals
 from hapo.streams import (
     REWARD_GROUP,
@@ -83,6 +83,7 @@ class RewardWorker:
             reclaim_idle_ms=int(config.reward.reclaim_idle_s * 1000),
         )
         self.tokenizer = load_tokenizer(config)
+        load_score_fn(config.reward.scorer)  # fail at start-up, not with every score
         self.sandbox = ScoringSandbox(reward_function(config), config.reward.timeout_s)
         self.metrics = RewardMetrics()
         self.state = WorkerState(client=self.client, metrics=self.metrics)

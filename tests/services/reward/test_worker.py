@@ -1,0 +1,196 @@
+"""Reward workers as real processes (`hapo reward`) against a real Redis."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+from tokenizers import Tokenizer
+
+from hapo.config import HapoConfig
+from hapo.messages import DeadLetter, ScoredTrajectory, Trajectory
+from hapo.rewards import math_reward
+from hapo.streams import StreamNames
+
+HAPO = str(Path(sys.executable).with_name("hapo"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def client(config: HapoConfig) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(config.redis.url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def tokenizer(config: HapoConfig) -> Tokenizer:
+    return Tokenizer.from_file(str(config.model.local_path / "tokenizer.json"))
+
+
+@pytest.fixture
+def start_worker(
+    stream_names: StreamNames, tmp_path: Path
+) -> Iterator[Callable[..., subprocess.Popen]]:
+    processes: list[subprocess.Popen] = []
+
+    def start(consumer: str, *overrides: str) -> subprocess.Popen:
+        log = (tmp_path / f"{consumer}.log").open("w")
+        command = [
+            HAPO,
+            "reward",
+            f"redis.stream_prefix={stream_names.prefix}",
+            "--consumer",
+            consumer,
+            *overrides,
+        ]
+        # The test scorers live in tests/: put the repository on the workers' path.
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[3])}
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        processes.append(process)
+        return process
+
+    yield start
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+
+
+def consumer_names(client: redis.Redis, stream: str) -> set[str]:
+    try:
+        return {c["name"].decode() for c in client.xinfo_consumers(stream, "reward")}
+    except redis.ResponseError:
+        return set()
+
+
+def trajectory(tokenizer: Tokenizer, group: int, sample: int, text: str, answer: str) -> Trajectory:
+    ids = np.array(tokenizer.encode(text).ids, dtype=np.int32)
+    return Trajectory(
+        run_id="test", group_id=f"g{group}", sample_idx=sample, n=8, policy_version=0, policy_version_end=0,
+        prompt_ids=np.arange(4), response_ids=ids, logprobs=np.full(len(ids), -0.5), finish_reason="stop",
+        answer=answer,
+    )  # fmt: skip
+
+
+def scored(client: redis.Redis, names: StreamNames) -> list[ScoredTrajectory]:
+    return [ScoredTrajectory.decode(fields) for _, fields in client.xrange(names.scored)]
+
+
+def test_scores_dead_letters_and_reports(client, tokenizer, start_worker, stream_names) -> None:
+    port = free_port()
+    worker = start_worker("w1", f"reward.http_port={port}")
+    cases = [(f"We add them: {i} + 2 = {i + 2}.", str(i + 2 if i % 3 else i)) for i in range(20)]
+    sent = [
+        trajectory(tokenizer, i // 8, i % 8, text, answer) for i, (text, answer) in enumerate(cases)
+    ]
+    for message in sent:
+        client.xadd(stream_names.trajectories, message.encode())
+    client.xadd(stream_names.trajectories, {b"data": b"\xc1 not msgpack"})
+    client.xadd(stream_names.trajectories, {b"wrong": b"field"})
+
+    wait_for(
+        lambda: client.xlen(stream_names.scored) >= 20 and client.xlen(stream_names.dead) >= 2,
+        60,
+        "scores",
+    )
+    results = {message.key: message for message in scored(client, stream_names)}
+    assert len(results) == 20
+    for message, (_text, answer) in zip(sent, cases, strict=True):
+        expected = math_reward(tokenizer.decode(message.response_ids.tolist()), answer)
+        assert (results[message.key].reward, results[message.key].reward_reason) == expected
+        np.testing.assert_array_equal(results[message.key].logprobs, message.logprobs)
+    reasons = sorted(
+        DeadLetter.decode(fields).reason for _, fields in client.xrange(stream_names.dead)
+    )
+    assert reasons[0].startswith("no 'data' field") and reasons[1].startswith("undecodable msgpack")
+    assert client.xpending(stream_names.trajectories, "reward")["pending"] == 0
+
+    base = f"http://127.0.0.1:{port}"
+    assert json.loads(urllib.request.urlopen(f"{base}/healthz").read()) == {"status": "ok"}
+    assert json.loads(urllib.request.urlopen(f"{base}/readyz").read())["ready"] is True
+    metrics = urllib.request.urlopen(f"{base}/metrics").read().decode()
+    assert "hapo_reward_dead_lettered_total 2.0" in metrics
+    assert 'hapo_reward_scored_total{reason="correct"}' in metrics
+    assert "hapo_reward_latency_seconds_count 20.0" in metrics
+
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0
+
+
+@pytest.mark.slow
+def test_unimportable_scorer_fails_at_start(start_worker, tmp_path) -> None:
+    worker = start_worker("bad", "reward.scorer=no_such_module:score", "reward.http_port=0")
+    assert worker.wait(timeout=60) != 0
+    assert "No module named 'no_such_module'" in (tmp_path / "bad.log").read_text()
+
+
+@pytest.mark.slow
+def test_sigkill_mid_batch_loses_nothing(client, tokenizer, start_worker, stream_names) -> None:
+    settings = ["reward.scorer=tests.services.reward.scorers:slow", "reward.batch_size=16",
+                "reward.reclaim_idle_s=1.5", "reward.http_port=0"]  # fmt: skip
+    victim = start_worker("victim", *settings)
+    survivor = start_worker("survivor", *settings)
+    wait_for(
+        lambda: {"victim", "survivor"} <= consumer_names(client, stream_names.trajectories),
+        60,
+        "workers",
+    )
+    sent = [trajectory(tokenizer, i // 8, i % 8, f"so {i}", str(i)) for i in range(320)]
+    pipe = client.pipeline()
+    for message in sent:
+        pipe.xadd(stream_names.trajectories, message.encode())
+    pipe.execute()
+
+    def victim_mid_batch() -> bool:
+        pending = {
+            c["name"]: c["pending"]
+            for c in client.xinfo_consumers(stream_names.trajectories, "reward")
+        }
+        return pending[b"victim"] > 0 and client.xlen(stream_names.scored) > 32
+
+    wait_for(victim_mid_batch, 60, "the victim to hold a batch")
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    wait_for(
+        lambda: len({m.key for m in scored(client, stream_names)}) == len(sent),
+        120,
+        "every trajectory",
+    )
+
+    copies: dict = defaultdict(list)
+    for message in scored(client, stream_names):
+        copies[message.key].append(message)
+    assert set(copies) == {message.key for message in sent}  # none lost
+    for key, messages in copies.items():  # redelivered duplicates are the same sample
+        assert {(m.reward, m.response_ids.tobytes()) for m in messages} == {
+            (messages[0].reward, messages[0].response_ids.tobytes())
+        }, key
+    assert all(m.reward == 1.0 for messages in copies.values() for m in messages)
+    assert client.xpending(stream_names.trajectories, "reward")["pending"] == 0
+    assert survivor.poll() is None
