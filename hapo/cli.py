@@ -50,6 +50,7 @@ class OutputFormat(enum.StrEnum):
 class Benchmark(enum.StrEnum):
     advantage = "advantage"
     entropy = "entropy"
+    reward = "reward"
 
 
 def _load(config_file: Path | None, overrides: list[str] | None) -> HapoConfig:

@@ -95,3 +95,12 @@ def test_bench_entropy_small() -> None:
 def test_bench_unknown_name() -> None:
     result = run("bench", "nope")
     assert result.returncode == 2
+
+
+def test_bench_reward_small() -> None:
+    result = run("bench", "reward", "--count", "300")
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["bench"] == "reward" and figures["count"] == 300
+    assert sum(figures["reasons"].values()) == 300
+    assert set(figures["reasons"]) <= {"correct", "wrong"}

@@ -111,16 +111,20 @@ def test_scores_dead_letters_and_reports(client, tokenizer, start_worker, stream
     ]
     for message in sent:
         client.xadd(stream_names.trajectories, message.encode())
+    long_text = "Let me think. " * 70_000 + "The answer is 5."  # ~1 MB of text
+    long_one = trajectory(tokenizer, 9, 0, long_text, "5")
+    client.xadd(stream_names.trajectories, long_one.encode())
     client.xadd(stream_names.trajectories, {b"data": b"\xc1 not msgpack"})
     client.xadd(stream_names.trajectories, {b"wrong": b"field"})
 
     wait_for(
-        lambda: client.xlen(stream_names.scored) >= 20 and client.xlen(stream_names.dead) >= 2,
+        lambda: client.xlen(stream_names.scored) >= 21 and client.xlen(stream_names.dead) >= 2,
         60,
         "scores",
     )
     results = {message.key: message for message in scored(client, stream_names)}
-    assert len(results) == 20
+    assert len(results) == 21
+    assert (results[long_one.key].reward, results[long_one.key].reward_reason) == (1.0, "correct")
     for message, (_text, answer) in zip(sent, cases, strict=True):
         expected = math_reward(tokenizer.decode(message.response_ids.tolist()), answer)
         assert (results[message.key].reward, results[message.key].reward_reason) == expected
@@ -137,7 +141,7 @@ def test_scores_dead_letters_and_reports(client, tokenizer, start_worker, stream
     metrics = urllib.request.urlopen(f"{base}/metrics").read().decode()
     assert "hapo_reward_dead_lettered_total 2.0" in metrics
     assert 'hapo_reward_scored_total{reason="correct"}' in metrics
-    assert "hapo_reward_latency_seconds_count 20.0" in metrics
+    assert "hapo_reward_latency_seconds_count 21.0" in metrics
 
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=30) == 0
