@@ -141,6 +141,45 @@ class DataConfig(_Section):
     """Most new tokens per sample."""
 
 
+class RolloutServiceConfig(_Section):
+    """The rollout service's engine and queueing (sampling settings live in
+    ``actor_rollout_ref.rollout``)."""
+
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
+    """Weights and activations dtype in vLLM."""
+    max_model_len: int = Field(1024, ge=16, le=1_048_576)
+    """Longest prompt + response in tokens."""
+    tensor_parallel_size: int = Field(1, ge=1, le=64)
+    """vLLM tensor parallelism (GPUs per replica)."""
+    data_parallel_size: int = Field(1, ge=1, le=64)
+    """vLLM data parallelism (engine replicas in this service)."""
+    gpu_memory_utilization: float = Field(0.5, gt=0.0, le=0.98)
+    """Share of GPU memory vLLM may take (on CPU: of host RAM, unless kv_cache_space_gib)."""
+    kv_cache_space_gib: float = Field(1.0, ge=0.0, le=4096.0)
+    """CPU only: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE); 0 = use the share above."""
+    enforce_eager: bool = True
+    """Skip CUDA-graph capture / compilation (faster start, slower decode)."""
+    max_groups_in_flight: int = Field(16, ge=1, le=100_000)
+    """Prompt groups generating at once; bounds memory and keeps the engine saturated."""
+    http_port: int = Field(8001, ge=0, le=65535)
+    """Port of health, metrics and weight-update endpoints (0 = none)."""
+    reclaim_idle_s: float = Field(300.0, gt=0.0, le=86_400.0)
+    """Prompt groups pending this long at a silent replica are taken over."""
+
+
+class TrainerConfig(_Section):
+    """The learner and controller."""
+
+    backend: Literal["local", "ray"] = "local"
+    """One local process, or Ray Train workers (DDP/FSDP)."""
+    max_staleness: int = Field(1, ge=0, le=100)
+    """Policy versions the rollout may run ahead of the learner (0 = on-policy)."""
+    total_steps: int = Field(100, ge=1)
+    """Training steps of a run."""
+    run_dir: Path = Path("runs")
+    """Checkpoints, metrics and plots go to ``run_dir/<run id>/``."""
+
+
 class ModelConfig(_Section):
     path: Path | None = None
     """Local Hugging Face model folder; empty for the default SmolLM2-135M-Instruct."""
@@ -184,6 +223,10 @@ class HapoConfig(_Section):
     """Batch and length limits."""
     model: ModelConfig = ModelConfig()
     """Model weights."""
+    rollout: RolloutServiceConfig = RolloutServiceConfig()
+    """Rollout service."""
+    trainer: TrainerConfig = TrainerConfig()
+    """Trainer service."""
     redis: RedisConfig = RedisConfig()
     """Transport."""
     api: ApiConfig = ApiConfig()
