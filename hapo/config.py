@@ -178,6 +178,9 @@ class TrainerConfig(_Section):
     """Training steps of a run."""
     run_dir: Path = Path("runs")
     """Checkpoints, metrics and plots go to ``run_dir/<run id>/``."""
+    logits_chunk_size: int = Field(1024, ge=1, le=1_048_576)
+    """Tokens whose vocabulary logits exist at once when computing log-probs and entropy:
+    memory ``chunk x vocab x 4`` bytes instead of the whole batch's fp32 logits."""
 
 
 class ModelConfig(_Section):

@@ -1,0 +1,579 @@
+"""The learner's tensor code: one HAPO training step on a batch of scored trajectories.
+
+Pure tensor code (no I/O, no Redis, no clocks other than step timing): the trainer service
+feeds it complete groups and publishes what it returns. All HAPO maths comes from
+``hapo.algorithm``; this module only batches, runs the model, and orders the calls:
+
+1. ``build_batch``: trajectories -> padded ``[B, P + R]`` tensors (prompts left-padded to a
+   common ``P``, responses right-padded to ``R``), so every response starts at column ``P``.
+2. ``learner_step``: old log-probs and token entropy with the current weights (no grad);
+   ``norm_entropys`` of the whole step's batch (DESIGN.md decision 1); the advantage; then
+   ``ppo_epochs`` passes over mini-batches, each an optimizer step accumulated over
+   micro-batches whose losses add up to the mini-batch's token-mean (decision 3), with
+   ``h_hat`` from the current policy's entropy normalised by the step's statistics
+   (decision 2; ``algorithm.reference_micro_batch_h_hat`` uses each micro-batch's own).
+
+Vocabulary logits exist ``trainer.logits_chunk_size`` tokens at a time, in the forward and
+the backward pass (``taken_log_probs_chunked``): the ``[B, R, V]`` fp32 logits never do.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from hapo.algorithm import (
+    NormEntropys,
+    compute_grpo_outcome_advantage,
+    compute_hapo_outcome_advantage,
+    compute_norm_entropys,
+    entropy_h_hat,
+    hapo_policy_loss,
+    log_entropy,
+    token_entropy,
+)
+from hapo.config import AlgorithmConfig, HapoConfig, OptimConfig
+from hapo.messages import ScoredTrajectory
+
+
+@dataclass(frozen=True)
+class TrainingBatch:
+    """A padded batch of ``B`` samples: prompt ``[:P]`` (left-padded) then response.
+
+    Attributes:
+        input_ids: ``[B, P + R]`` int64 token ids, ``pad_token_id`` where padded.
+        attention_mask: ``[B, P + R]`` int64, 1 on real tokens.
+        position_ids: ``[B, P + R]`` int64, counting real tokens only (left padding must
+            not shift rotary positions).
+        responses: ``[B, R]`` int64, the response tokens (the targets of the log-probs).
+        response_mask: ``[B, R]`` float32, 1 on valid response tokens. Float, not bool:
+            torch's CPU reductions over bool masks are several times slower.
+        token_level_rewards: ``[B, R]`` float32, the outcome reward on each sample's last
+            valid token, 0 elsewhere.
+        group_index: ``[B]`` group label (``group_id``) of each sample.
+        prompt_length: ``P``; response token ``t`` is predicted at column ``P - 1 + t``.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    responses: torch.Tensor
+    response_mask: torch.Tensor
+    token_level_rewards: torch.Tensor
+    group_index: np.ndarray
+    prompt_length: int
+
+    @property
+    def size(self) -> int:
+        """Number of samples ``B``."""
+        return self.input_ids.shape[0]
+
+    def select(self, rows: slice) -> TrainingBatch:
+        """The samples ``rows`` (a mini- or micro-batch), tensors as views."""
+        return replace(
+            self,
+            input_ids=self.input_ids[rows],
+            attention_mask=self.attention_mask[rows],
+            position_ids=self.position_ids[rows],
+            responses=self.responses[rows],
+            response_mask=self.response_mask[rows],
+            token_level_rewards=self.token_level_rewards[rows],
+            group_index=self.group_index[rows],
+        )
+
+
+def build_batch(trajectories: Sequence[ScoredTrajectory], pad_token_id: int) -> TrainingBatch:
+    """Pad scored trajectories into a ``TrainingBatch`` (in the given order).
+
+    Raises:
+        ValueError: no trajectory, or one with an empty prompt or response (an empty
+            response has no token to carry its reward; the caller must drop it).
+    """
+    if not trajectories:
+        raise ValueError("build_batch needs at least one trajectory")
+    for trajectory in trajectories:
+        if len(trajectory.prompt_ids) == 0 or len(trajectory.response_ids) == 0:
+            raise ValueError(
+                f"trajectory {trajectory.key} has an empty prompt or response; drop it first"
+            )
+    prompt_lengths = np.array([len(t.prompt_ids) for t in trajectories])
+    response_lengths = np.array([len(t.response_ids) for t in trajectories])
+    batch, prompt_width, response_width = (
+        len(trajectories),
+        int(prompt_lengths.max()),
+        int(response_lengths.max()),
+    )
+    input_ids = np.full((batch, prompt_width + response_width), pad_token_id, dtype=np.int64)
+    for row, trajectory in enumerate(trajectories):
+        input_ids[row, prompt_width - len(trajectory.prompt_ids) : prompt_width] = (
+            trajectory.prompt_ids
+        )
+        input_ids[row, prompt_width : prompt_width + len(trajectory.response_ids)] = (
+            trajectory.response_ids
+        )
+    columns = np.arange(prompt_width + response_width)
+    attention_mask = (columns >= prompt_width - prompt_lengths[:, None]) & (
+        columns < prompt_width + response_lengths[:, None]
+    )
+    response_mask = np.arange(response_width) < response_lengths[:, None]
+    rewards = np.zeros((batch, response_width), dtype=np.float32)
+    rewards[np.arange(batch), response_lengths - 1] = [t.reward for t in trajectories]
+    attention = torch.from_numpy(attention_mask.astype(np.int64))
+    input_tensor = torch.from_numpy(input_ids)
+    return TrainingBatch(
+        input_ids=input_tensor,
+        attention_mask=attention,
+        position_ids=(attention.cumsum(dim=-1) - 1).clamp_min(0),
+        responses=input_tensor[:, prompt_width:].clone(),
+        response_mask=torch.from_numpy(response_mask.astype(np.float32)),
+        token_level_rewards=torch.from_numpy(rewards),
+        group_index=np.array([t.group_id for t in trajectories]),
+        prompt_length=prompt_width,
+    )
+
+
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
+    """fp32 logits ``[c, V]`` of hidden rows ``[c, H]`` through ``weight`` ``[V, H]``,
+    divided by ``temperature``, as ``entropy_from_logits_chunked`` computes them."""
+    logits = (hidden @ weight.T).float()
+    return logits.div_(temperature) if temperature != 1.0 else logits
+
+
+class _TakenLogProb(torch.autograd.Function):
+    """Log-prob of target tokens from hidden states, chunk by chunk, and its gradient.
+
+    Autograd through a plain chunk loop would keep every chunk's logits for the backward
+    pass, i.e. the whole ``[N, V]`` fp32 tensor after all. This saves only the hidden
+    states and the ``[N]`` log-normalisers and recomputes each chunk's logits in backward.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        temperature: float,
+        chunk_size: int,
+        with_entropy: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = hidden.shape[0]
+        log_prob = torch.empty(rows, dtype=torch.float32, device=hidden.device)
+        log_norm = torch.empty_like(log_prob)
+        entropy = torch.empty_like(log_prob) if with_entropy else log_prob.new_empty(0)
+        for start in range(0, rows, chunk_size):
+            end = start + chunk_size
+            logits = _chunk_logits(hidden[start:end], weight, temperature)
+            log_norm[start:end] = logits.logsumexp(dim=-1)
+            taken = logits.gather(-1, targets[start:end, None]).squeeze(-1)
+            log_prob[start:end] = taken - log_norm[start:end]
+            if with_entropy:
+                entropy[start:end] = token_entropy(logits)
+        ctx.save_for_backward(hidden, weight, targets, log_norm)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        ctx.mark_non_differentiable(entropy)
+        return log_prob, entropy
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx,
+        grad_log_prob: torch.Tensor,
+        grad_entropy: torch.Tensor,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None, None]:
+        del grad_entropy  # entropy is a statistic, never differentiated
+        hidden, weight, targets, log_norm = ctx.saved_tensors
+        temperature, chunk_size = ctx.temperature, ctx.chunk_size
+        needs_hidden, needs_weight = ctx.needs_input_grad[:2]
+        grad_hidden = torch.empty_like(hidden) if needs_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_weight else None
+        for start in range(0, hidden.shape[0], chunk_size):
+            end = start + chunk_size
+            chunk = hidden[start:end]
+            grad = grad_log_prob[start:end, None].float()
+            # d log_softmax(z)[target] / dz = onehot(target) - softmax(z), times 1/T for z/T.
+            grad_logits = (
+                _chunk_logits(chunk, weight, temperature)
+                .sub_(log_norm[start:end, None])
+                .exp_()
+                .mul_(-grad)
+            )
+            grad_logits.scatter_add_(-1, targets[start:end, None], grad)
+            if temperature != 1.0:
+                grad_logits.div_(temperature)
+            grad_logits = grad_logits.to(hidden.dtype)
+            if grad_hidden is not None:
+                grad_hidden[start:end] = grad_logits @ weight
+            if grad_weight is not None:
+                grad_weight += (grad_logits.T @ chunk).float()
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+def taken_log_probs_chunked(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``log softmax(hidden @ weight.T / T)[target]`` per row, ``chunk_size`` rows at a time.
+
+    The logits of one chunk (``chunk_size x V`` fp32) exist at a time, in forward and in
+    backward. Entropy, when asked for, is ``hapo.algorithm.token_entropy`` of the same
+    chunk logits (what ``entropy_from_logits_chunked`` computes), so one vocabulary
+    projection serves both.
+
+    Args:
+        hidden: ``[N, H]`` final hidden states, any float dtype; differentiable.
+        weight: ``[V, H]`` output projection (``lm_head``); differentiable.
+        targets: ``[N]`` int64 token ids.
+
+    Returns:
+        ``(log_prob, entropy)``: ``[N]`` fp32 log-probs (with gradient) and ``[N]`` fp32
+        entropies without gradient, or ``None`` unless ``with_entropy``.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    log_prob, entropy = _TakenLogProb.apply(
+        hidden, weight, targets, temperature, chunk_size, with_entropy
+    )
+    return log_prob, entropy if with_entropy else None
+
+
+def policy_log_probs(
+    model: nn.Module,
+    batch: TrainingBatch,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs (and entropies) of a batch's response tokens under a causal LM.
+
+    ``model`` is a transformers ``*ForCausalLM`` whose logits are ``lm_head(hidden)``
+    without bias or soft-capping (Llama, Qwen2, Mistral, SmolLM2); only the response
+    columns' hidden states go through the vocabulary projection.
+
+    Returns:
+        ``(log_prob, entropy)``, ``[B, R]`` fp32 each (entropy ``None`` unless asked),
+        garbage at masked positions (callers mask).
+    """
+    hidden = model.get_decoder()(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+    ).last_hidden_state
+    response_width = batch.responses.shape[1]
+    start = batch.prompt_length - 1
+    rows = hidden[:, start : start + response_width].reshape(-1, hidden.shape[-1])
+    log_prob, entropy = taken_log_probs_chunked(
+        rows,
+        model.get_output_embeddings().weight,
+        batch.responses.reshape(-1),
+        temperature=temperature,
+        chunk_size=chunk_size,
+        with_entropy=with_entropy,
+    )
+    shape = batch.responses.shape
+    return log_prob.view(shape), None if entropy is None else entropy.view(shape)
+
+
+@torch.no_grad()
+def old_log_probs_and_entropy(
+    model: nn.Module,
+    batch: TrainingBatch,
+    micro_batch_size: int,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(old_log_prob, entropy)``, ``[B, R]`` each, with the current weights, no graph."""
+    parts = [
+        policy_log_probs(
+            model,
+            batch.select(slice(start, start + micro_batch_size)),
+            temperature=temperature,
+            chunk_size=chunk_size,
+            with_entropy=True,
+        )
+        for start in range(0, batch.size, micro_batch_size)
+    ]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def compute_advantages(batch: TrainingBatch, algorithm: AlgorithmConfig) -> torch.Tensor:
+    """``[B, R]`` advantages of the batch by ``algorithm.adv_estimator``."""
+    if algorithm.adv_estimator == "hapo":
+        advantages, _ = compute_hapo_outcome_advantage(
+            batch.token_level_rewards,
+            batch.response_mask,
+            batch.group_index,
+            norm_adv_by_std_in_grpo=algorithm.norm_adv_by_std_in_grpo,
+            reference_padding_fallback=algorithm.reference_padding_fallback,
+        )
+    else:
+        advantages, _ = compute_grpo_outcome_advantage(
+            batch.token_level_rewards,
+            batch.response_mask,
+            batch.group_index,
+            norm_adv_by_std_in_grpo=algorithm.norm_adv_by_std_in_grpo,
+        )
+    return advantages
+
+
+@dataclass(frozen=True)
+class StepTargets:
+    """What a step's update is computed against, fixed before the first update.
+
+    Attributes:
+        old_log_prob: ``[B, R]`` log-probs under the weights at the start of the step.
+        advantages: ``[B, R]`` advantages.
+        norm_entropys: the step's entropy statistics (normalise ``h_hat`` with them).
+        old_h_hat: ``[B, R]`` ``h_hat`` of the start-of-step entropies, used where the
+            loss needs no current entropy (adaptive parts off) for the split metrics.
+    """
+
+    old_log_prob: torch.Tensor
+    advantages: torch.Tensor
+    norm_entropys: NormEntropys
+    old_h_hat: torch.Tensor
+
+    def select(self, rows: slice) -> StepTargets:
+        """The targets of the samples ``rows``."""
+        return replace(
+            self,
+            old_log_prob=self.old_log_prob[rows],
+            advantages=self.advantages[rows],
+            old_h_hat=self.old_h_hat[rows],
+        )
+
+
+class _WeightedMeans:
+    """Weighted means of scalar tensors, read out once (one device sync at the end)."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, torch.Tensor] = {}
+        self._weights: dict[str, torch.Tensor] = {}
+
+    def add(self, name: str, value: torch.Tensor, weight: torch.Tensor) -> None:
+        value, weight = value.detach().double(), weight.detach().double()
+        self._sums[name] = self._sums.get(name, 0.0) + value * weight
+        self._weights[name] = self._weights.get(name, 0.0) + weight
+
+    def means(self) -> dict[str, float]:
+        return {
+            name: (total / self._weights[name].clamp_min(1e-12)).item()
+            for name, total in self._sums.items()
+        }
+
+
+def _temperature(config: HapoConfig) -> float:
+    """Log-probs are taken at the base sampling temperature (1 for greedy, T = 0)."""
+    return config.actor_rollout_ref.rollout.temperature or 1.0
+
+
+def accumulate_gradients(
+    model: nn.Module,
+    mini_batch: TrainingBatch,
+    targets: StepTargets,
+    config: HapoConfig,
+    means: _WeightedMeans | None = None,
+) -> torch.Tensor:
+    """Backward the HAPO loss of one mini-batch, micro-batch by micro-batch, into ``.grad``.
+
+    Each micro-batch's loss is divided by the mini-batch's valid token count, so the
+    accumulated gradient is that of the mini-batch's token-mean loss whatever the
+    micro-batch size (with ``reference_micro_batch_h_hat`` off).
+
+    Returns:
+        The mini-batch's loss (a detached scalar), the sum of its micro-batches' losses.
+    """
+    actor, algorithm = config.actor_rollout_ref.actor, config.algorithm
+    current_entropy = actor.adaptive_clip or actor.adaptive_advantage
+    global_num_tokens = mini_batch.response_mask.sum()
+    micro = actor.ppo_micro_batch_size_per_gpu
+    total_loss = torch.zeros(())
+    for start in range(0, mini_batch.size, micro):
+        rows = slice(start, start + micro)
+        batch, micro_targets = mini_batch.select(rows), targets.select(rows)
+        log_prob, entropy = policy_log_probs(
+            model,
+            batch,
+            temperature=_temperature(config),
+            chunk_size=config.trainer.logits_chunk_size,
+            with_entropy=current_entropy,
+        )
+        if entropy is None:
+            h_hat = micro_targets.old_h_hat
+        else:
+            norm_entropys = targets.norm_entropys
+            if algorithm.reference_micro_batch_h_hat:
+                norm_entropys = compute_norm_entropys(
+                    entropy,
+                    batch.response_mask,
+                    actor.entropy_pivot,
+                    reference_scale_neg_sign=algorithm.reference_scale_neg_sign,
+                )
+            h_hat = entropy_h_hat(log_entropy(entropy), norm_entropys)
+        loss, metrics = hapo_policy_loss(
+            log_prob,
+            micro_targets.old_log_prob,
+            micro_targets.advantages,
+            batch.response_mask,
+            h_hat,
+            clip_ratio_low=actor.clip_ratio_low,
+            clip_ratio_high=actor.clip_ratio_high,
+            clip_ratio_c=actor.clip_ratio_c,
+            adaptive_clip=actor.adaptive_clip,
+            clip_alpha=actor.clip_alpha,
+            adaptive_advantage=actor.adaptive_advantage,
+            adv_beta=actor.adv_beta,
+            global_num_tokens=global_num_tokens,
+        )
+        loss.backward()
+        total_loss += loss.detach().cpu()
+        if means is not None:
+            high = batch.response_mask * (h_hat > 0)
+            weights = {
+                "loss/clipfrac_high_entropy": high.sum(),
+                "loss/clipfrac_low_entropy": (batch.response_mask - high).sum(),
+            }
+            num_tokens = metrics.pop("loss/num_tokens")
+            for name, value in metrics.items():
+                means.add(name, value, weights.get(name, num_tokens))
+            means.add("entropy/h_hat_pos_frac", high.sum() / num_tokens, num_tokens)
+    return total_loss
+
+
+def make_optimizer(
+    model: nn.Module, optim: OptimConfig
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over all parameters and a linear warm-up, stepped once per training step.
+
+    Step ``k`` (from 0) uses ``lr * min(1, (k + 1) / lr_warmup_steps)``: unlike
+    transformers' ``get_constant_schedule_with_warmup`` the first step does not run at
+    learning rate 0.
+    """
+    optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
+    warmup = optim.lr_warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
+    )
+    return optimizer, scheduler
+
+
+class LearnerStepResult(NamedTuple):
+    """What a training step hands back to the trainer service."""
+
+    metrics: dict[str, float]
+    """Scalars grouped by prefix: ``loss/``, ``reward/``, ``entropy/``, ``perf/``."""
+    norm_entropys: NormEntropys
+    """Entropy statistics of this step's batch, for the rollout's next samples."""
+
+
+def _batch_metrics(
+    batch: TrainingBatch, advantages: torch.Tensor, entropy: torch.Tensor
+) -> dict[str, float]:
+    """Reward, advantage, length and entropy statistics of the step's batch."""
+    mask = batch.response_mask
+    scores = batch.token_level_rewards.sum(dim=-1)
+    lengths = mask.sum(dim=-1)
+    valid_advantages = advantages.masked_select(mask.bool())
+    return {
+        "reward/mean": scores.mean().item(),
+        "reward/std": scores.std(correction=0).item(),
+        "reward/advantage_mean": valid_advantages.mean().item(),
+        "reward/advantage_std": valid_advantages.std(correction=0).item(),
+        "reward/advantage_min": valid_advantages.min().item(),
+        "reward/advantage_max": valid_advantages.max().item(),
+        "reward/response_length_mean": lengths.mean().item(),
+        "reward/response_length_max": lengths.max().item(),
+        "entropy/mean": ((entropy * mask).sum() / mask.sum()).item(),
+    }
+
+
+def learner_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    batch: TrainingBatch,
+    config: HapoConfig,
+) -> LearnerStepResult:
+    """One training step on a batch of complete groups (module docstring, steps 1-2).
+
+    Mini-batches are ``ppo_mini_batch_size x rollout.n`` consecutive samples (keep groups
+    contiguous); each is one optimizer step with gradient clipping at ``actor.grad_clip``.
+    An update whose gradient norm is not finite is skipped (counted in
+    ``loss/skipped_updates``). The scheduler steps once per call.
+    """
+    start = time.perf_counter()
+    actor, algorithm = config.actor_rollout_ref.actor, config.algorithm
+    old_log_prob, entropy = old_log_probs_and_entropy(
+        model,
+        batch,
+        actor.ppo_micro_batch_size_per_gpu,
+        temperature=_temperature(config),
+        chunk_size=config.trainer.logits_chunk_size,
+    )
+    norm_entropys = compute_norm_entropys(
+        entropy,
+        batch.response_mask,
+        actor.entropy_pivot,
+        reference_scale_neg_sign=algorithm.reference_scale_neg_sign,
+    )
+    advantages = compute_advantages(batch, algorithm)
+    targets = StepTargets(
+        old_log_prob=old_log_prob,
+        advantages=advantages,
+        norm_entropys=norm_entropys,
+        old_h_hat=entropy_h_hat(log_entropy(entropy), norm_entropys),
+    )
+    old_pass_s = time.perf_counter() - start
+
+    means = _WeightedMeans()
+    mini = actor.ppo_mini_batch_size * config.actor_rollout_ref.rollout.n
+    lr = scheduler.get_last_lr()[0]
+    skipped = 0
+    for _ in range(actor.ppo_epochs):
+        for first in range(0, batch.size, mini):
+            rows = slice(first, first + mini)
+            optimizer.zero_grad(set_to_none=True)
+            loss = accumulate_gradients(
+                model, batch.select(rows), targets.select(rows), config, means
+            )
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), actor.grad_clip)
+            if torch.isfinite(grad_norm):
+                optimizer.step()
+            else:
+                skipped += 1
+            one = torch.ones(())
+            means.add("loss/policy_loss", loss, one)
+            means.add("loss/grad_norm", grad_norm.cpu(), one)
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+
+    step_s = time.perf_counter() - start
+    metrics = {
+        **means.means(),
+        "loss/lr": lr,
+        "loss/skipped_updates": float(skipped),
+        **_batch_metrics(batch, advantages, entropy),
+        **{f"entropy/{name}": float(value) for name, value in norm_entropys._asdict().items()},
+        "perf/step_s": step_s,
+        "perf/old_log_prob_s": old_pass_s,
+        "perf/tokens_per_s": batch.attention_mask.sum().item() / step_s,
+        "perf/samples": float(batch.size),
+    }
+    return LearnerStepResult(metrics, norm_entropys)
