@@ -1,0 +1,365 @@
+"""The learner on a tiny random Llama: batching, chunked log-probs, and the training step
+against a plain PPO/GRPO reference, micro-batch invariance and the h_hat switch."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hapo.algorithm import compute_norm_entropys, entropy_h_hat, hapo_policy_loss, log_entropy
+from hapo.algorithm import token_entropy as reference_entropy
+from hapo.config import HapoConfig, load_config
+from hapo.learner import (
+    StepTargets,
+    TrainingBatch,
+    accumulate_gradients,
+    build_batch,
+    compute_advantages,
+    learner_step,
+    make_optimizer,
+    old_log_probs_and_entropy,
+    policy_log_probs,
+    taken_log_probs_chunked,
+)
+from hapo.messages import ScoredTrajectory
+
+VOCAB, PAD = 128, 0
+# (prompt length, response length, reward) of two groups of four samples.
+SAMPLES = [
+    [(3, 5, 1.0), (3, 9, 0.0), (3, 2, 1.0), (3, 12, 0.0)],
+    [(7, 4, 0.0), (7, 11, 0.0), (7, 6, 1.0), (7, 1, 0.0)],
+]
+
+
+@pytest.fixture
+def model() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, tie_word_embeddings=True,
+        pad_token_id=PAD,
+    )  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+def _trajectories() -> list[ScoredTrajectory]:
+    rng = np.random.default_rng(0)
+    trajectories = []
+    for group, samples in enumerate(SAMPLES):
+        prompt = rng.integers(1, VOCAB, samples[0][0])
+        for index, (_, length, reward) in enumerate(samples):
+            trajectories.append(
+                ScoredTrajectory(
+                    run_id="run",
+                    group_id=f"g{group}",
+                    sample_idx=index,
+                    n=len(samples),
+                    policy_version=0,
+                    policy_version_end=0,
+                    prompt_ids=prompt,
+                    response_ids=rng.integers(1, VOCAB, length),
+                    logprobs=np.zeros(length),
+                    finish_reason="stop",
+                    answer="1",
+                    reward=reward,
+                    reward_reason="test",
+                )
+            )
+    return trajectories
+
+
+@pytest.fixture
+def batch() -> TrainingBatch:
+    return build_batch(_trajectories(), PAD)
+
+
+def _config(*overrides: str) -> HapoConfig:
+    defaults = [
+        "actor_rollout_ref.rollout.n=4",
+        "data.train_batch_size=2",
+        "actor_rollout_ref.actor.ppo_mini_batch_size=2",
+        "actor_rollout_ref.actor.optim.lr_warmup_steps=0",
+    ]
+    return load_config(overrides=[*defaults, *overrides], environ={})
+
+
+def _targets(model: LlamaForCausalLM, batch: TrainingBatch, config: HapoConfig, noise: float):
+    """Start-of-step targets, with ``old_log_prob`` moved by noise so ratios leave the
+    clip range and every branch of the loss is taken."""
+    old_log_prob, entropy = old_log_probs_and_entropy(model, batch, batch.size)
+    norm = compute_norm_entropys(entropy, batch.response_mask)
+    generator = torch.Generator().manual_seed(1)
+    shifted = old_log_prob + noise * torch.randn(old_log_prob.shape, generator=generator)
+    return StepTargets(
+        old_log_prob=shifted,
+        advantages=compute_advantages(batch, config.algorithm),
+        norm_entropys=norm,
+        old_h_hat=entropy_h_hat(log_entropy(entropy), norm),
+    )
+
+
+def _gradients(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def _accumulated(model, batch, targets, config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    loss = accumulate_gradients(model, batch, targets, config)
+    return loss, _gradients(model)
+
+
+def _assert_gradients_close(a: dict, b: dict, atol: float = 1e-5) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=1e-4, msg=name)
+
+
+def test_build_batch_layout(batch: TrainingBatch) -> None:
+    assert batch.prompt_length == 7 and batch.responses.shape == (8, 12)
+    assert batch.response_mask.dtype == torch.float32
+    assert batch.response_mask.sum(-1).tolist() == [5, 9, 2, 12, 4, 11, 6, 1]
+    first = _trajectories()[0]
+    assert batch.input_ids[0, 4:12].tolist() == [*first.prompt_ids, *first.response_ids]
+    assert batch.attention_mask[0].tolist() == [0] * 4 + [1] * 8 + [0] * 7
+    assert batch.position_ids[0, 4:12].tolist() == list(range(8))
+    assert batch.token_level_rewards.sum(-1).tolist() == [1, 0, 1, 0, 0, 0, 1, 0]
+    assert batch.token_level_rewards[0, 4] == 1.0  # on the last valid token
+    assert list(batch.group_index) == ["g0"] * 4 + ["g1"] * 4
+    empty = _trajectories()[0].model_copy(update={"response_ids": np.zeros(0, np.int32)})
+    with pytest.raises(ValueError, match="empty"):
+        build_batch([empty], PAD)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    chunk_size=st.integers(1, 40),
+    temperature=st.sampled_from([1.0, 0.7]),
+    with_entropy=st.booleans(),
+)
+def test_chunked_log_probs_equal_unchunked(
+    chunk_size: int, temperature: float, with_entropy: bool
+) -> None:
+    generator = torch.Generator().manual_seed(chunk_size)
+    hidden = torch.randn(23, 16, generator=generator, requires_grad=True)
+    weight = torch.randn(50, 16, generator=generator, requires_grad=True)
+    targets = torch.randint(0, 50, (23,), generator=generator)
+    coefficients = torch.randn(23, generator=generator)
+
+    log_prob, entropy = taken_log_probs_chunked(
+        hidden, weight, targets, temperature=temperature, chunk_size=chunk_size,
+        with_entropy=with_entropy,
+    )  # fmt: skip
+    (log_prob * coefficients).sum().backward()
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+
+    logits = hidden @ weight.T / temperature
+    expected = logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+    (expected * coefficients).sum().backward()
+    torch.testing.assert_close(log_prob, expected.detach())
+    torch.testing.assert_close(grads[0], hidden.grad)
+    torch.testing.assert_close(grads[1], weight.grad)
+    if with_entropy:
+        torch.testing.assert_close(entropy, reference_entropy(logits.detach()))
+        assert not entropy.requires_grad
+    else:
+        assert entropy is None
+
+
+def test_padded_batch_log_probs_equal_each_sample_alone(
+    model: LlamaForCausalLM, batch: TrainingBatch
+) -> None:
+    log_prob, entropy = policy_log_probs(model, batch, chunk_size=5, with_entropy=True)
+    for row, trajectory in enumerate(_trajectories()):
+        ids = torch.tensor([*trajectory.prompt_ids, *trajectory.response_ids])[None].long()
+        logits = model(input_ids=ids).logits[0, len(trajectory.prompt_ids) - 1 : -1]
+        expected = logits.log_softmax(-1).gather(-1, ids[0, -logits.shape[0] :, None])
+        length = len(trajectory.response_ids)
+        torch.testing.assert_close(log_prob[row, :length], expected.squeeze(-1), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            entropy[row, :length], reference_entropy(logits), atol=1e-5, rtol=0
+        )
+
+
+def _reference_grpo(batch: TrainingBatch) -> torch.Tensor:
+    """verl's GRPO advantage with a loop over groups: unbiased std, eps 1e-6."""
+    scores = batch.token_level_rewards.sum(-1).double()
+    advantage = torch.zeros_like(scores)
+    for label in set(batch.group_index):
+        rows = torch.from_numpy(batch.group_index == label)
+        group = scores[rows]
+        advantage[rows] = (group - group.mean()) / (group.std() + 1e-6)
+    return (advantage[:, None] * batch.response_mask).float()
+
+
+def _reference_ppo_loss(
+    model: LlamaForCausalLM, batch: TrainingBatch, old_log_prob: torch.Tensor, adv: torch.Tensor
+) -> torch.Tensor:
+    """Dual-clip PPO (0.2/0.2, c=10), token-mean, on full unchunked logits."""
+    logits = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+    ).logits[:, batch.prompt_length - 1 : -1]
+    log_prob = logits.log_softmax(-1).gather(-1, batch.responses[..., None]).squeeze(-1)
+    ratio = (log_prob - old_log_prob).exp()
+    clipped = torch.maximum(-adv * ratio, -adv * ratio.clamp(0.8, 1.2))
+    losses = torch.where(adv < 0, torch.minimum(clipped, -adv * 10.0), clipped)
+    mask = batch.response_mask
+    return (losses * mask).sum() / mask.sum()
+
+
+def test_every_switch_off_equals_plain_ppo_grpo(
+    model: LlamaForCausalLM, batch: TrainingBatch
+) -> None:
+    config = _config(
+        "algorithm.adv_estimator=grpo",
+        "actor_rollout_ref.actor.adaptive_clip=false",
+        "actor_rollout_ref.actor.adaptive_advantage=false",
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
+        "trainer.logits_chunk_size=7",
+    )
+    targets = _targets(model, batch, config, noise=0.3)
+    # Ratios of ~20 on every fifth token reach the dual-clip bound where the advantage is < 0.
+    every_fifth = torch.arange(targets.old_log_prob.numel()).view_as(targets.old_log_prob) % 5 == 0
+    targets = replace(targets, old_log_prob=targets.old_log_prob - 3.0 * every_fifth)
+    advantages = _reference_grpo(batch)
+    torch.testing.assert_close(targets.advantages, advantages)
+
+    loss, grads = _accumulated(model, batch, targets, config)
+    with torch.no_grad():
+        ratio = (policy_log_probs(model, batch)[0] - targets.old_log_prob).exp()
+    outside = ((ratio < 0.8) | (ratio > 1.2)) & (batch.response_mask > 0)
+    assert outside.any() and (outside & (advantages < 0) & (ratio > 10)).any()  # dual clip
+    model.zero_grad(set_to_none=True)
+    expected = _reference_ppo_loss(model, batch, targets.old_log_prob, advantages)
+    expected.backward()
+    torch.testing.assert_close(loss, expected.detach(), atol=1e-6, rtol=1e-5)
+    _assert_gradients_close(grads, _gradients(model))
+
+
+def test_every_switch_off_step_update_equals_plain_ppo_grpo(
+    model: LlamaForCausalLM, batch: TrainingBatch
+) -> None:
+    """A whole ``learner_step`` with SGD at lr 1 moves each weight by minus the reference
+    gradient (old log-probs recomputed by the step, so every ratio starts at 1)."""
+    config = _config(
+        "algorithm.adv_estimator=grpo",
+        "actor_rollout_ref.actor.adaptive_clip=false",
+        "actor_rollout_ref.actor.adaptive_advantage=false",
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4",
+        "actor_rollout_ref.actor.grad_clip=1e9",
+    )
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with torch.no_grad():
+        old_log_prob = policy_log_probs(model, batch)[0]
+    _reference_ppo_loss(model, batch, old_log_prob, _reference_grpo(batch)).backward()
+    expected = {name: -g for name, g in _gradients(model).items()}
+    model.zero_grad(set_to_none=True)
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    result = learner_step(model, optimizer, scheduler, batch, config)
+    moved = {name: p.detach() - before[name] for name, p in model.named_parameters()}
+    _assert_gradients_close(moved, expected)
+    assert result.metrics["loss/clipfrac"] == 0.0 and result.metrics["loss/approx_kl"] < 1e-6
+
+
+@pytest.mark.parametrize("estimator", ["hapo", "grpo"])
+def test_micro_batch_invariance(
+    model: LlamaForCausalLM, batch: TrainingBatch, estimator: str
+) -> None:
+    configs = [
+        _config(f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={micro}",
+                f"algorithm.adv_estimator={estimator}")
+        for micro in (8, 2)
+    ]  # fmt: skip
+    targets = _targets(model, batch, configs[0], noise=0.3)
+    loss_whole, whole = _accumulated(model, batch, targets, configs[0])
+    loss_split, split = _accumulated(model, batch, targets, configs[1])
+    torch.testing.assert_close(loss_whole, loss_split, atol=1e-6, rtol=1e-6)
+    assert max(g.abs().max().item() for g in whole.values()) > 1e-3
+    _assert_gradients_close(whole, split, atol=1e-5)
+
+
+def test_reference_micro_batch_h_hat_switch(model: LlamaForCausalLM, batch: TrainingBatch) -> None:
+    def gradients(micro: int, switch: bool) -> dict[str, torch.Tensor]:
+        config = _config(
+            f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={micro}",
+            f"algorithm.reference_micro_batch_h_hat={str(switch).lower()}",
+        )
+        return _accumulated(model, batch, _targets(model, batch, config, 0.3), config)[1]
+
+    # Micro-batches of 2 have their own entropy statistics: the update changes.
+    ours, reference = gradients(2, False), gradients(2, True)
+    assert max((ours[n] - reference[n]).abs().max().item() for n in ours) > 1e-4
+    # One micro-batch holding the whole step's batch has the step's statistics.
+    _assert_gradients_close(gradients(8, False), gradients(8, True))
+
+
+def _surrogate_loss(model, batch, targets: StepTargets, config: HapoConfig) -> float:
+    """The HAPO loss of the fixed batch against the first step's old log-probs."""
+    actor = config.actor_rollout_ref.actor
+    with torch.no_grad():
+        log_prob = policy_log_probs(model, batch)[0]
+    loss, _ = hapo_policy_loss(
+        log_prob, targets.old_log_prob, targets.advantages, batch.response_mask,
+        targets.old_h_hat, clip_alpha=actor.clip_alpha, adv_beta=actor.adv_beta,
+    )  # fmt: skip
+    return loss.item()
+
+
+def test_steps_lower_the_loss_on_a_fixed_batch(
+    model: LlamaForCausalLM, batch: TrainingBatch
+) -> None:
+    config = _config(
+        "actor_rollout_ref.actor.optim.lr=1e-4", "actor_rollout_ref.actor.ppo_epochs=2"
+    )
+    targets = _targets(model, batch, config, noise=0.0)
+    optimizer, scheduler = make_optimizer(model, config.actor_rollout_ref.actor.optim)
+    losses = [_surrogate_loss(model, batch, targets, config)]
+    for _ in range(4):
+        _, entropy = old_log_probs_and_entropy(model, batch, 8)
+        result = learner_step(model, optimizer, scheduler, batch, config)
+        losses.append(_surrogate_loss(model, batch, targets, config))
+    assert all(later < earlier for earlier, later in itertools.pairwise(losses))
+    assert losses[-1] < losses[0] - 0.05
+
+    metrics = result.metrics
+    assert {name.split("/")[0] for name in metrics} == {"loss", "reward", "entropy", "perf"}
+    assert all(math.isfinite(value) for value in metrics.values())
+    for name in (
+        "loss/approx_kl", "loss/clipfrac_high_entropy", "loss/clipfrac_low_entropy",
+        "loss/grad_norm", "perf/tokens_per_s", "reward/advantage_std",
+        "reward/response_length_mean", "entropy/pivot", "entropy/mean",
+    ):  # fmt: skip
+        assert name in metrics, name
+    assert metrics["reward/mean"] == pytest.approx(3 / 8)
+    assert metrics["reward/response_length_mean"] == pytest.approx(50 / 8)
+    assert metrics["loss/lr"] == pytest.approx(1e-4)
+    assert metrics["loss/approx_kl"] > 0  # the second epoch sees moved weights
+    # The returned statistics are those of the step's batch under the weights it started with.
+    expected = compute_norm_entropys(entropy, batch.response_mask)
+    assert result.norm_entropys == pytest.approx(expected, rel=1e-5)
+    assert metrics["entropy/pivot"] == pytest.approx(expected.pivot, rel=1e-5)
+
+
+def test_warmup_is_linear_from_the_first_step(model: LlamaForCausalLM) -> None:
+    optim = _config(
+        "actor_rollout_ref.actor.optim.lr=1e-3", "actor_rollout_ref.actor.optim.lr_warmup_steps=4"
+    ).actor_rollout_ref.actor.optim
+    optimizer, scheduler = make_optimizer(model, optim)
+    seen = []
+    for _ in range(6):
+        seen.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert seen == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
