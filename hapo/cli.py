@@ -51,6 +51,7 @@ class Benchmark(enum.StrEnum):
     advantage = "advantage"
     entropy = "entropy"
     reward = "reward"
+    trainer = "trainer"
 
 
 def _load(config_file: Path | None, overrides: list[str] | None) -> HapoConfig:
@@ -109,6 +110,19 @@ def redis_ensure(overrides: Overrides = None, config_file: ConfigFile = None) ->
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=1) from None
     typer.echo(f"{'started' if started else 'found'} Redis at {config.redis.url}")
+
+
+@app.command("rollout")
+def rollout(
+    overrides: Overrides = None,
+    config_file: ConfigFile = None,
+    consumer: Annotated[
+        str | None, typer.Option(help="Consumer name in the group (default: host-pid).")
+    ] = None,
+) -> None:
+    """Run a rollout replica: sample <prefix>:prompts into <prefix>:trajectories with vLLM."""
+    config = _load(config_file, overrides)
+    importlib.import_module("services.rollout.service").run(config, consumer)
 
 
 @app.command("reward")

@@ -155,8 +155,12 @@ class RolloutServiceConfig(_Section):
     """vLLM data parallelism (engine replicas in this service)."""
     gpu_memory_utilization: float = Field(0.5, gt=0.0, le=0.98)
     """Share of GPU memory vLLM may take (on CPU: of host RAM, unless kv_cache_space_gib)."""
-    kv_cache_space_gib: float = Field(1.0, ge=0.0, le=4096.0)
+    kv_cache_space_gib: int = Field(1, ge=0, le=4096)
     """CPU only: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE); 0 = use the share above."""
+    compile_entropy: bool = True
+    """Compile the adaptive temperature's entropy pass (one fused pass; ~20 s at start)."""
+    weight_transfer: Literal["auto", "nccl", "hapo_gloo"] = "auto"
+    """Weight-sync backend: vLLM's nccl on GPU, HAPO's gloo engine on CPU (auto picks)."""
     enforce_eager: bool = True
     """Skip CUDA-graph capture / compilation (faster start, slower decode)."""
     max_groups_in_flight: int = Field(16, ge=1, le=100_000)

@@ -7,6 +7,7 @@ field, ``data``.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Annotated, Any, Literal, Self
 
@@ -103,6 +104,47 @@ class SampleKey(BaseModel):
     policy_version: int
 
 
+class AdaptiveTemperature(BaseModel):
+    """HAPO's adaptive temperature for one request (the rollout's logits processor reads
+    it from ``SamplingParams.extra_args["hapo"]``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    adaptive_temperature: bool = True
+    """Sample at ``T * (1 + h_hat * tau)`` instead of ``T``."""
+    temperature_tau: float = Field(0.05, ge=0.0, lt=1.0)
+    """Relative range of the adjustment."""
+    norm_entropys: tuple[float, float, float, float] | None = None
+    """``(pivot, std, scale_pos, scale_neg)`` of the last training step; None on step 1,
+    which samples at the fixed temperature."""
+
+    @model_validator(mode="after")
+    def _check_stats(self) -> Self:
+        stats = self.norm_entropys
+        if stats is not None and not all(math.isfinite(v) for v in stats):
+            raise ValueError("norm_entropys must be finite")
+        if stats is not None and stats[1] < 0:
+            raise ValueError("norm_entropys std must be >= 0")
+        return self
+
+
+class SamplingSettings(BaseModel):
+    """How to sample a prompt group."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    temperature: float = Field(1.0, ge=0.0, le=10.0)
+    """Base temperature (0 = greedy)."""
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    """Nucleus mass."""
+    max_tokens: int = Field(64, ge=1, le=1_000_000)
+    """Most new tokens per sample."""
+    seed: int | None = Field(None, ge=0)
+    """Seed of sample 0; sample i uses ``seed + i``. None: unseeded."""
+    adaptive: AdaptiveTemperature = AdaptiveTemperature()
+    """HAPO's adaptive temperature."""
+
+
 class PromptGroup(_Message):
     """One prompt to sample ``n`` times (``hapo:prompts``)."""
 
@@ -118,6 +160,8 @@ class PromptGroup(_Message):
     """Samples to draw."""
     policy_version: int = Field(ge=0)
     """Learner version when the prompt was queued."""
+    sampling: SamplingSettings = SamplingSettings()
+    """Sampling settings, ``norm_entropys`` of the last step included."""
     enqueued_at: float = Field(default_factory=time.time)
     """Unix time the prompt was queued."""
 

