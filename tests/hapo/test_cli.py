@@ -104,3 +104,17 @@ def test_bench_reward_small() -> None:
     assert figures["bench"] == "reward" and figures["count"] == 300
     assert sum(figures["reasons"].values()) == 300
     assert set(figures["reasons"]) <= {"correct", "wrong"}
+
+
+def test_bench_trainer_small() -> None:
+    result = run("bench", "trainer", "--layers", "2", "--hidden", "64", "--batch", "4",
+                 "--group-size", "2", "--micro-batch", "2", "--prompt-len", "8",
+                 "--response-len", "8", "--repeats", "1")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert any(line.startswith("  hapo repeat 1") for line in lines)
+    figures = json.loads(lines[-1])
+    assert set(figures) == {"bench", "hapo_loss_overhead", "tokens_per_s", "peak_mem_mb"}
+    assert figures["bench"] == "trainer"
+    assert figures["hapo_loss_overhead"] > -1 and figures["tokens_per_s"] > 0
+    assert figures["peak_mem_mb"] > 0

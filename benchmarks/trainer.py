@@ -1,0 +1,145 @@
+"""One learner step with the HAPO loss vs the plain PPO loss, on the default architecture.
+
+    hapo bench trainer [--batch 8 --group-size 4 --prompt-len 32 --response-len 64
+                        --repeats 3 --layers L --hidden H]
+
+The model has SmolLM2-135M-Instruct's architecture (``config.json`` of ``model.path``, by
+default the installed SmolLM2 folder) with random weights: the weights are never loaded.
+``--layers``/``--hidden`` shrink it for smoke tests. Both variants run ``learner_step`` on
+the same batch and model, alternating, after one untimed warm-up step each; the fastest
+repeat of each is compared. "PPO" is the same step with ``adaptive_clip`` and
+``adaptive_advantage`` off (so the training forward computes no entropy); everything else,
+advantage estimator included, is identical. Last line:
+{"bench": "trainer", "hapo_loss_overhead": X, "tokens_per_s": Y, "peak_mem_mb": Z}
+with X = HAPO step time / PPO step time - 1 and Y the HAPO step's tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+
+import numpy as np
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from hapo.config import HapoConfig, load_config
+from hapo.learner import build_batch, learner_step, make_optimizer
+from hapo.messages import ScoredTrajectory
+
+
+def _batch_trajectories(
+    groups: int, group_size: int, prompt_len: int, response_len: int, vocab: int
+) -> list[ScoredTrajectory]:
+    """Random full-length trajectories; each group has both rewards, so advantages are
+    nonzero."""
+    rng = np.random.default_rng(0)
+    return [
+        ScoredTrajectory(
+            run_id="bench",
+            group_id=f"g{group}",
+            sample_idx=index,
+            n=group_size,
+            policy_version=0,
+            policy_version_end=0,
+            prompt_ids=rng.integers(1, vocab, prompt_len),
+            response_ids=rng.integers(1, vocab, response_len),
+            logprobs=np.zeros(response_len),
+            finish_reason="length",
+            answer="0",
+            reward=float(index % 2),
+            reward_reason="bench",
+        )
+        for group in range(groups)
+        for index in range(group_size)
+    ]
+
+
+def _variant_config(args: argparse.Namespace, hapo_loss: bool) -> HapoConfig:
+    groups = args.batch // args.group_size
+    switch = str(hapo_loss).lower()
+    return load_config(
+        overrides=[
+            f"actor_rollout_ref.rollout.n={args.group_size}",
+            f"data.train_batch_size={groups}",
+            f"actor_rollout_ref.actor.ppo_mini_batch_size={groups}",
+            f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={args.micro_batch}",
+            f"actor_rollout_ref.actor.adaptive_clip={switch}",
+            f"actor_rollout_ref.actor.adaptive_advantage={switch}",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="hapo bench trainer", description=__doc__)
+    parser.add_argument("--batch", type=int, default=8, help="samples per step")
+    parser.add_argument("--group-size", type=int, default=4, help="samples per prompt")
+    parser.add_argument("--micro-batch", type=int, default=4, help="samples per fwd/bwd")
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--response-len", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per variant")
+    parser.add_argument("--layers", type=int, help="override num_hidden_layers")
+    parser.add_argument("--hidden", type=int, help="override hidden_size (and intermediate)")
+    args = parser.parse_args(argv)
+    if args.batch % args.group_size or args.batch % args.micro_batch:
+        parser.error("--group-size and --micro-batch must divide --batch")
+
+    path = load_config().model.local_path
+    if not (path / "config.json").is_file():
+        parser.error(f"no config.json in {path}: run `hapo model install` first")
+    architecture = AutoConfig.from_pretrained(path)
+    if args.layers:
+        architecture.num_hidden_layers = args.layers
+    if args.hidden:
+        architecture.hidden_size = args.hidden
+        architecture.intermediate_size = args.hidden * 8 // 3
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(architecture, dtype=torch.float32)
+    params = sum(p.numel() for p in model.parameters())
+    print(
+        f"random {architecture.model_type} from {path / 'config.json'}: "
+        f"{architecture.num_hidden_layers} layers, hidden {architecture.hidden_size}, "
+        f"vocab {architecture.vocab_size}, {params / 1e6:.1f} M parameters",
+        flush=True,
+    )
+    trajectories = _batch_trajectories(
+        args.batch // args.group_size, args.group_size, args.prompt_len, args.response_len,
+        architecture.vocab_size,
+    )  # fmt: skip
+    batch = build_batch(trajectories, pad_token_id=architecture.pad_token_id or 0)
+    configs = {"hapo": _variant_config(args, True), "ppo": _variant_config(args, False)}
+    optimizer, scheduler = make_optimizer(model, configs["hapo"].actor_rollout_ref.actor.optim)
+    print(
+        f"batch: {args.batch} samples x ({args.prompt_len} prompt + {args.response_len} "
+        f"response) tokens, micro-batch {args.micro_batch}",
+        flush=True,
+    )
+
+    seconds: dict[str, list[float]] = {"hapo": [], "ppo": []}
+    tokens_per_s: list[float] = []
+    for repeat in range(args.repeats + 1):  # repeat 0 warms up (allocations, optimizer state)
+        for name, config in configs.items():
+            metrics = learner_step(model, optimizer, scheduler, batch, config).metrics
+            label = "warm-up" if repeat == 0 else f"repeat {repeat}"
+            print(f"  {name} {label}: {metrics['perf/step_s']:.2f} s "
+                  f"({metrics['perf/tokens_per_s']:.0f} tokens/s, "
+                  f"clipfrac {metrics['loss/clipfrac']:.3f})", flush=True)  # fmt: skip
+            if repeat:
+                seconds[name].append(metrics["perf/step_s"])
+                if name == "hapo":
+                    tokens_per_s.append(metrics["perf/tokens_per_s"])
+    hapo_s, ppo_s = min(seconds["hapo"]), min(seconds["ppo"])
+    result = {
+        "bench": "trainer",
+        "hapo_loss_overhead": round(hapo_s / ppo_s - 1, 4),
+        "tokens_per_s": round(max(tokens_per_s), 1),
+        "peak_mem_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    }
+    print(f"fastest step: hapo {hapo_s:.3f} s, ppo {ppo_s:.3f} s", flush=True)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
