@@ -185,6 +185,8 @@ class TrainerConfig(_Section):
     logits_chunk_size: int = Field(1024, ge=1, le=1_048_576)
     """Tokens whose vocabulary logits exist at once when computing log-probs and entropy:
     memory ``chunk x vocab x 4`` bytes instead of the whole batch's fp32 logits."""
+    checkpoint_keep_last: int = Field(3, ge=1, le=10_000)
+    """Checkpoints kept in ``run_dir/<run id>/checkpoints/``; older ones are deleted."""
 
 
 class ModelConfig(_Section):
