@@ -268,7 +268,16 @@ def policy_log_probs(
     Returns:
         ``(log_prob, entropy)``, ``[B, R]`` fp32 each (entropy ``None`` unless asked),
         garbage at masked positions (callers mask).
+
+    Raises:
+        ValueError: the model's logits are not ``lm_head(hidden)`` (a bias, soft-capping or
+            scaling), which the chunked projection would silently get wrong.
     """
+    head = model.get_output_embeddings()
+    scaling = ("final_logit_softcapping", "logit_scale")
+    extras = [name for name in scaling if getattr(model.config, name, None)]
+    if getattr(head, "bias", None) is not None or extras:
+        raise ValueError(f"unsupported output head: bias or {extras} (logits must be hidden @ W.T)")
     hidden = model.get_decoder()(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
@@ -280,7 +289,7 @@ def policy_log_probs(
     rows = hidden[:, start : start + response_width].reshape(-1, hidden.shape[-1])
     log_prob, entropy = taken_log_probs_chunked(
         rows,
-        model.get_output_embeddings().weight,
+        head.weight,
         batch.responses.reshape(-1),
         temperature=temperature,
         chunk_size=chunk_size,
@@ -360,8 +369,8 @@ class StepTargets:
         )
 
 
-class _WeightedMeans:
-    """Weighted means of scalar tensors, read out once (one device sync at the end)."""
+class MetricMeans:
+    """Weighted means of scalar metric tensors, read out once (one device sync at the end)."""
 
     def __init__(self) -> None:
         self._sums: dict[str, torch.Tensor] = {}
@@ -389,7 +398,7 @@ def accumulate_gradients(
     mini_batch: TrainingBatch,
     targets: StepTargets,
     config: HapoConfig,
-    means: _WeightedMeans | None = None,
+    means: MetricMeans | None = None,
 ) -> torch.Tensor:
     """Backward the HAPO loss of one mini-batch, micro-batch by micro-batch, into ``.grad``.
 
@@ -542,7 +551,7 @@ def learner_step(
     )
     old_pass_s = time.perf_counter() - start
 
-    means = _WeightedMeans()
+    means = MetricMeans()
     mini = actor.ppo_mini_batch_size * config.actor_rollout_ref.rollout.n
     lr = scheduler.get_last_lr()[0]
     skipped = 0

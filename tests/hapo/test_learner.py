@@ -363,3 +363,9 @@ def test_warmup_is_linear_from_the_first_step(model: LlamaForCausalLM) -> None:
         optimizer.step()
         scheduler.step()
     assert seen == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+
+
+def test_unsupported_output_head_is_refused(model: LlamaForCausalLM, batch: TrainingBatch) -> None:
+    model.lm_head = torch.nn.Linear(64, VOCAB, bias=True)
+    with pytest.raises(ValueError, match="unsupported output head"):
+        policy_log_probs(model, batch)
