@@ -123,6 +123,24 @@ class GlooWeightTransferEngine(
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
         finalize_layerwise_reload(self.model, self.model_config)
+        self._retie_output_embeddings()
+
+    def _retie_output_embeddings(self) -> None:
+        """Point a tied ``lm_head`` at the reloaded embeddings and re-run its processing.
+
+        Layerwise reload processes tied parameters through one owner only (vLLM's
+        documented limitation), and on CPU the output projection keeps a pre-packed copy
+        of its weight: without this the logits would still come from the old embeddings.
+        """
+        hf_config = self.model_config.hf_config
+        lm_head = getattr(self.model, "lm_head", None)
+        embed_tokens = getattr(getattr(self.model, "model", None), "embed_tokens", None)
+        if not getattr(hf_config, "tie_word_embeddings", False) or lm_head is None:
+            return
+        if embed_tokens is None:
+            raise RuntimeError("tied output embeddings, but no model.embed_tokens to tie to")
+        lm_head.tie_weights(embed_tokens)
+        lm_head.quant_method.process_weights_after_loading(lm_head)
 
     def receive_weights(self, update_info: GlooWeightTransferUpdateInfo) -> None:
         if self.group is None:
