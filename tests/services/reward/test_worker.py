@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -23,22 +21,9 @@ from hapo.config import HapoConfig
 from hapo.messages import DeadLetter, ScoredTrajectory, Trajectory
 from hapo.rewards import math_reward
 from hapo.streams import StreamNames
+from tests.helpers import free_port, wait_for
 
 HAPO = str(Path(sys.executable).with_name("hapo"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.1)
 
 
 @pytest.fixture

