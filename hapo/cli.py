@@ -51,6 +51,7 @@ class Benchmark(enum.StrEnum):
     advantage = "advantage"
     entropy = "entropy"
     reward = "reward"
+    rollout = "rollout"
     trainer = "trainer"
 
 

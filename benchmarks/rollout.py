@@ -1,0 +1,175 @@
+"""Cost of the adaptive temperature in vLLM, and of one weight update.
+
+    hapo bench rollout [--prompts 64 --max-tokens 64 --repeats 3]
+
+Same prompts and seeds, side by side in one run, on the default model (SmolLM2-135M,
+bf16, ``enforce_eager``): plain vLLM; vLLM with the HAPO processor installed but every
+request adaptive-off; and adaptive on (tau 0.05). Every request generates exactly
+``--max-tokens`` tokens (EOS ignored), so throughputs compare equal work. Then one weight
+update of the whole model over the HTTP routes and gloo, bf16 on the wire.
+
+Last line: {"bench": "rollout", "overhead_adaptive_vs_plain": X, "tokens_per_s_plain": A,
+"tokens_per_s_adaptive": B, "weight_update_s": W, ...}; X is the fractional slowdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import time
+
+import torch
+from pydantic import SecretStr
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from vllm import SamplingParams
+from vllm.v1.engine.async_llm import AsyncLLM
+
+from hapo.config import HapoConfig, load_config
+from hapo.messages import AdaptiveTemperature
+from hapo.runtime import serve_http
+from hapo.weight_sync import (
+    CastModuleSource,
+    GlooTrainerInitInfo,
+    GlooTrainerWeightTransferEngine,
+    RolloutWeightSyncClient,
+)
+from services.rollout.app import RolloutMetrics, RolloutState, create_app
+from services.rollout.engine import build_engine
+from services.rollout.logits_processor import to_extra_args
+
+# Typical statistics of a training step: log-entropy pivot, spread and scales.
+NORM_ENTROPYS = (-0.5, 1.5, 0.4, 0.5)
+
+
+def chat_prompts(config: HapoConfig, count: int, seed: int) -> list[list[int]]:
+    tokenizer = AutoTokenizer.from_pretrained(config.model.local_path)
+    rng = random.Random(seed)
+    questions = [
+        f"What is {rng.randint(0, 9)} + {rng.randint(0, 9)}? Answer with just the number."
+        for _ in range(count)
+    ]
+    return [
+        tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
+        for q in questions
+    ]
+
+
+async def tokens_per_second(
+    engine: AsyncLLM, prompts: list[list[int]], max_tokens: int, extra_args: dict | None, tag: str
+) -> float:
+    async def one(index: int, prompt: list[int]) -> int:
+        params = SamplingParams(
+            temperature=1.0, max_tokens=max_tokens, ignore_eos=True, seed=index,
+            extra_args=extra_args,
+        )  # fmt: skip
+        final = None
+        async for output in engine.generate(
+            {"prompt_token_ids": prompt}, params, request_id=f"{tag}-{index}"
+        ):
+            final = output
+        return len(final.outputs[0].token_ids)
+
+    started = time.perf_counter()
+    generated = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+    return sum(generated) / (time.perf_counter() - started)
+
+
+async def weight_update_seconds(engine: AsyncLLM, config: HapoConfig, port: int) -> float:
+    """Push the default model's weights (bf16) through the real HTTP routes and gloo."""
+    state = RolloutState(engine=engine, client=None, metrics=RolloutMetrics())  # type: ignore[arg-type]
+    stop = asyncio.Event()
+    server = asyncio.create_task(
+        serve_http(create_app(state, SecretStr("bench")), "127.0.0.1", port, stop)
+    )
+    await asyncio.sleep(0.5)
+    model = AutoModelForCausalLM.from_pretrained(config.model.local_path, dtype=torch.float32)
+
+    def push() -> float:
+        client = RolloutWeightSyncClient(f"http://127.0.0.1:{port}", "bench")
+        init = GlooTrainerInitInfo(
+            master_address="127.0.0.1", master_port=port + 1, world_size=2, rank=0
+        )
+        sender = GlooTrainerWeightTransferEngine.trainer_init(
+            init, client=client, source=CastModuleSource(model, torch.bfloat16)
+        )
+        started = time.perf_counter()
+        sender.send_weights(weight_version="1")
+        return time.perf_counter() - started
+
+    try:
+        return await asyncio.to_thread(push)
+    finally:
+        stop.set()
+        await server
+
+
+async def run(args: argparse.Namespace) -> dict:
+    config = load_config(overrides=["rollout.dtype=bfloat16", "rollout.max_model_len=512"])
+    prompts = chat_prompts(config, args.prompts, args.seed)
+    adaptive = to_extra_args(AdaptiveTemperature(temperature_tau=0.05, norm_entropys=NORM_ENTROPYS))
+    off = to_extra_args(AdaptiveTemperature(adaptive_temperature=False))
+    rates: dict[str, list[float]] = {"plain": [], "installed_off": [], "adaptive": []}
+
+    print("starting plain vLLM ...", flush=True)
+    engine = build_engine(config, adaptive_processor=False)
+    try:
+        await tokens_per_second(engine, prompts[:4], 4, None, "warm")
+        for repeat in range(args.repeats):
+            rates["plain"].append(
+                await tokens_per_second(engine, prompts, args.max_tokens, None, f"p{repeat}")
+            )
+            print(f"  plain: {rates['plain'][-1]:.1f} tokens/s", flush=True)
+    finally:
+        engine.shutdown()
+
+    print("starting vLLM with the HAPO processor (compiles the entropy pass) ...", flush=True)
+    engine = build_engine(config)
+    try:
+        await tokens_per_second(engine, prompts[:4], 4, adaptive, "warm")  # compile now
+        for repeat in range(args.repeats):
+            for name, extra_args in (("installed_off", off), ("adaptive", adaptive)):
+                rate = await tokens_per_second(
+                    engine, prompts, args.max_tokens, extra_args, f"{name}{repeat}"
+                )
+                rates[name].append(rate)
+                print(f"  {name}: {rate:.1f} tokens/s", flush=True)
+        print("weight update of the whole model ...", flush=True)
+        update_s = await weight_update_seconds(engine, config, args.port)
+        print(f"  {update_s:.2f} s", flush=True)
+    finally:
+        engine.shutdown()
+
+    median = {name: statistics.median(values) for name, values in rates.items()}
+    return {
+        "bench": "rollout",
+        "overhead_adaptive_vs_plain": round(median["plain"] / median["adaptive"] - 1, 4),
+        "tokens_per_s_plain": round(median["plain"], 1),
+        "tokens_per_s_adaptive": round(median["adaptive"], 1),
+        "tokens_per_s_installed_off": round(median["installed_off"], 1),
+        "overhead_installed_off_vs_plain": round(median["plain"] / median["installed_off"] - 1, 4),
+        "weight_update_s": round(update_s, 3),
+        "prompts": args.prompts,
+        "max_tokens": args.max_tokens,
+        "repeats": args.repeats,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="hapo bench rollout", description=__doc__)
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--port", type=int, default=18931, help="HTTP port (and +1 for gloo)")
+    args = parser.parse_args(argv)
+    result = asyncio.run(run(args))
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
