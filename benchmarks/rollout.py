@@ -2,7 +2,7 @@
 
     hapo bench rollout [--prompts 64 --max-tokens 64 --repeats 3]
 
-Same prompts and seeds, side by side in one run, on the default model (SmolLM2-135M,
+Same prompts and engine seed, side by side in one run, on the default model (SmolLM2-135M,
 bf16, ``enforce_eager``): plain vLLM; vLLM with the HAPO processor installed but every
 request adaptive-off; and adaptive on (tau 0.05). Every request generates exactly
 ``--max-tokens`` tokens (EOS ignored), so throughputs compare equal work. Then one weight
@@ -52,9 +52,12 @@ def chat_prompts(config: HapoConfig, count: int, seed: int) -> list[list[int]]:
         for _ in range(count)
     ]
     return [
-        tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True,
+            return_dict=True,
+        )["input_ids"]
         for q in questions
-    ]
+    ]  # fmt: skip
 
 
 async def tokens_per_second(
@@ -62,8 +65,7 @@ async def tokens_per_second(
 ) -> float:
     async def one(index: int, prompt: list[int]) -> int:
         params = SamplingParams(
-            temperature=1.0, max_tokens=max_tokens, ignore_eos=True, seed=index,
-            extra_args=extra_args,
+            temperature=1.0, max_tokens=max_tokens, ignore_eos=True, extra_args=extra_args,
         )  # fmt: skip
         final = None
         async for output in engine.generate(

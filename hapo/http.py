@@ -1,12 +1,17 @@
-"""Pieces every service's FastAPI app shares: bearer-token auth for admin routes."""
+"""Pieces every service's FastAPI app shares: probes, metrics, bearer-token auth."""
 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
-from fastapi import HTTPException, Request, status
-from pydantic import SecretStr
+import redis.asyncio as aioredis
+from fastapi import FastAPI, HTTPException, Request, Response, status
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from pydantic import BaseModel, SecretStr
+
+ReadinessT = TypeVar("ReadinessT", bound="Readiness")
 
 
 def bearer_auth(token: SecretStr | None) -> Callable[[Request], None]:
@@ -31,3 +36,45 @@ def bearer_auth(token: SecretStr | None) -> Callable[[Request], None]:
             )
 
     return require_token
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    """What ``/readyz`` reports; services add their own checks as fields."""
+
+    ready: bool
+
+
+async def redis_answers(client: aioredis.Redis) -> bool:
+    try:
+        return bool(await client.ping())
+    except (aioredis.RedisError, OSError):
+        return False
+
+
+def add_probe_routes(
+    app: FastAPI,
+    registry: CollectorRegistry,
+    readiness: Callable[[], Awaitable[ReadinessT]],
+    readiness_model: type[ReadinessT],
+) -> None:
+    """``GET /healthz`` (the process is up), ``/readyz`` (``readiness()``, 503 when not
+    ready) and ``/metrics`` (Prometheus text of ``registry``)."""
+
+    @app.get("/healthz")
+    async def healthz() -> Health:
+        return Health(status="ok")
+
+    @app.get("/readyz", response_model=readiness_model, responses={503: {"model": readiness_model}})
+    async def readyz(response: Response) -> ReadinessT:
+        report = await readiness()
+        if not report.ready:
+            response.status_code = 503
+        return report
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

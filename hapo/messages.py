@@ -193,6 +193,8 @@ class Trajectory(_Message):
     """Gold answer."""
     created_at: float = Field(default_factory=time.time)
     """Unix time generation finished."""
+    generation_s: float = Field(0.0, ge=0.0)
+    """Seconds from submitting the request to its last token (queueing included)."""
 
     @model_validator(mode="after")
     def _check_shapes(self) -> Self:

@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated
 
 import redis.asyncio as aioredis
-from fastapi import Depends, FastAPI, Request, Response
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
-from pydantic import BaseModel
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from hapo.http import Readiness, add_probe_routes, redis_answers
 
 
 @dataclass
@@ -63,49 +56,20 @@ class WorkerState:
     scorer_alive: bool = False
 
 
-class Health(BaseModel):
-    status: str
-
-
-class Readiness(BaseModel):
-    ready: bool
+class WorkerReadiness(Readiness):
     redis: bool
     scorer: bool
 
 
-def _state(request: Request) -> WorkerState:
-    return request.app.state.worker
-
-
-State = Annotated[WorkerState, Depends(_state)]
-
-
 def create_app(state: WorkerState) -> FastAPI:
     app = FastAPI(title="HAPO-RL reward worker")
-    app.state.worker = state
 
-    @app.get("/healthz")
-    async def healthz() -> Health:
-        """The process is up."""
-        return Health(status="ok")
-
-    @app.get("/readyz", responses={503: {"model": Readiness}})
-    async def readyz(state: State, response: Response) -> Readiness:
+    async def readiness() -> WorkerReadiness:
         """Redis answers and the scorer process runs."""
-        try:
-            redis_ok = bool(await state.client.ping())
-        except (aioredis.RedisError, OSError):
-            redis_ok = False
-        readiness = Readiness(
+        redis_ok = await redis_answers(state.client)
+        return WorkerReadiness(
             ready=redis_ok and state.scorer_alive, redis=redis_ok, scorer=state.scorer_alive
         )
-        if not readiness.ready:
-            response.status_code = 503
-        return readiness
 
-    @app.get("/metrics")
-    async def metrics(state: State) -> Response:
-        """Prometheus text format."""
-        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
+    add_probe_routes(app, state.metrics.registry, readiness, WorkerReadiness)
     return app

@@ -8,15 +8,8 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import redis.asyncio as aioredis
-from fastapi import Depends, FastAPI, Request, Response
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
+from fastapi import Depends, FastAPI, Request
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import BaseModel, Field, SecretStr
 from vllm.distributed.weight_transfer.base import (
     WeightTransferInitRequest,
@@ -24,7 +17,7 @@ from vllm.distributed.weight_transfer.base import (
 )
 from vllm.v1.engine.async_llm import AsyncLLM
 
-from hapo.http import bearer_auth
+from hapo.http import Readiness, add_probe_routes, bearer_auth, redis_answers
 
 
 @dataclass
@@ -71,12 +64,7 @@ class RolloutState:
     update_started: float | None = None
 
 
-class Health(BaseModel):
-    status: str
-
-
-class Readiness(BaseModel):
-    ready: bool
+class RolloutReadiness(Readiness):
     redis: bool
     engine: bool
     policy_version: int
@@ -114,29 +102,16 @@ def create_app(state: RolloutState, token: SecretStr | None) -> FastAPI:
     app.state.rollout = state
     admin = [Depends(bearer_auth(token))]
 
-    @app.get("/healthz")
-    async def healthz() -> Health:
-        return Health(status="ok")
-
-    @app.get("/readyz", responses={503: {"model": Readiness}})
-    async def readyz(state: State, response: Response) -> Readiness:
+    async def readiness() -> RolloutReadiness:
         """The engine runs and Redis answers."""
-        try:
-            redis_ok = bool(await state.client.ping())
-        except (aioredis.RedisError, OSError):
-            redis_ok = False
+        redis_ok = await redis_answers(state.client)
         engine_ok = not state.engine.errored
-        readiness = Readiness(
+        return RolloutReadiness(
             ready=redis_ok and engine_ok, redis=redis_ok, engine=engine_ok,
             policy_version=state.policy_version,
         )  # fmt: skip
-        if not readiness.ready:
-            response.status_code = 503
-        return readiness
 
-    @app.get("/metrics")
-    async def metrics(state: State) -> Response:
-        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    add_probe_routes(app, state.metrics.registry, readiness, RolloutReadiness)
 
     @app.post("/v1/weights/init", dependencies=admin)
     async def init_weights(body: InitWeightsRequest, state: State) -> WeightsResponse:

