@@ -2,10 +2,10 @@
 weight-transfer machinery (``vllm/distributed/weight_transfer``).
 
 - On GPU, vLLM's built-in ``nccl`` engine is used as it is.
-- On CPU, vLLM's NCCL engine cannot run, so this module registers a ``gloo`` engine in
-  both of vLLM's factories: the same handshake over a stateless gloo process group. It
-  sends the weights packed into one flat buffer per dtype (one broadcast each, not one per
-  tensor), in the dtype the rollout runs in.
+- On CPU, vLLM's NCCL engine cannot run, so this module registers a gloo engine in both of
+  vLLM's factories: the same handshake over a stateless gloo process group. Weights travel
+  packed into ~32 MiB chunks (one broadcast each, not one per tensor), in the dtype the
+  rollout runs in, and workers load each chunk while the next is on the wire.
 
 Importing this module registers the engine; the rollout names it in
 ``worker_extension_cls`` so vLLM's spawned workers import (and register) it too.
@@ -80,12 +80,33 @@ def _param_metas(info: GlooWeightTransferUpdateInfo) -> list[ParamMeta]:
     ]
 
 
-def _dtype_groups(metas: list[ParamMeta]) -> dict[torch.dtype, list[int]]:
-    """Indices of the parameters of each dtype, in order: one packed buffer per dtype."""
-    groups: dict[torch.dtype, list[int]] = {}
+# Parameters travel in chunks of about this size, so that the workers load one chunk
+# into the model while the next is on the wire.
+CHUNK_BYTES = 32 * 2**20
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    dtype: torch.dtype
+    indices: list[int]
+    numels: list[int]
+
+
+def _chunk_plan(metas: list[ParamMeta]) -> list[_Chunk]:
+    """Consecutive same-dtype parameters packed into chunks of ~``CHUNK_BYTES``; both ends
+    derive the same plan from the same metadata."""
+    chunks: list[_Chunk] = []
+    nbytes = 0
     for index, meta in enumerate(metas):
-        groups.setdefault(meta.dtype, []).append(index)
-    return groups
+        numel = torch.Size(meta.shape).numel()
+        last = chunks[-1] if chunks else None
+        if last is None or last.dtype != meta.dtype or nbytes >= CHUNK_BYTES:
+            chunks.append(_Chunk(meta.dtype, [], []))
+            nbytes = 0
+        chunks[-1].indices.append(index)
+        chunks[-1].numels.append(numel)
+        nbytes += numel * meta.dtype.itemsize
+    return chunks
 
 
 def _broadcast(group: Any, buffer: torch.Tensor) -> None:
@@ -146,15 +167,24 @@ class GlooWeightTransferEngine(
         if self.group is None:
             raise RuntimeError("gloo weight transfer not initialised: call init first")
         metas = _param_metas(update_info)
-        for dtype, indices in _dtype_groups(metas).items():
-            sizes = [torch.Size(metas[i].shape).numel() for i in indices]
-            buffer = torch.empty(sum(sizes), dtype=dtype)
+        plan = _chunk_plan(metas)
+
+        def receive(chunk: _Chunk) -> torch.Tensor:
+            buffer = torch.empty(sum(chunk.numels), dtype=chunk.dtype)
             _broadcast(self.group, buffer)
-            tensors = buffer.split(sizes)
-            self.model.load_weights(
-                (metas[i].name, tensor.view(metas[i].shape))
-                for i, tensor in zip(indices, tensors, strict=True)
-            )
+            return buffer
+
+        # Receive chunk k + 1 on a thread (gloo waits without the GIL) while chunk k loads.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            incoming = pool.submit(receive, plan[0])
+            for position, chunk in enumerate(plan):
+                buffer = incoming.result()
+                if position + 1 < len(plan):
+                    incoming = pool.submit(receive, plan[position + 1])
+                self.model.load_weights(
+                    (metas[i].name, tensor.view(metas[i].shape))
+                    for i, tensor in zip(chunk.indices, buffer.split(chunk.numels), strict=True)
+                )
 
     def update_weights(self, update_info: dict[str, Any]) -> None:
         # The base class synchronises the accelerator; on CPU there is none.
@@ -216,12 +246,14 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
             dtype_names=[str(m.dtype).removeprefix("torch.") for m in metas],
             shapes=[list(m.shape) for m in metas],
         )
-        tensors = [tensor for _, tensor in self.source]
+        tensors = [tensor.detach().reshape(-1) for _, tensor in self.source]
+        # Packed before generation pauses: the pause only covers the transfer itself.
+        packed = [torch.cat([tensors[i] for i in chunk.indices]) for chunk in _chunk_plan(metas)]
+        del tensors
         self.client.start_weight_update()
         with ThreadPoolExecutor(max_workers=1) as pool:
             future = pool.submit(self.client.update_weights, asdict(info))
-            for indices in _dtype_groups(metas).values():
-                flat = torch.cat([tensors[i].detach().reshape(-1) for i in indices])
+            for flat in packed:
                 _broadcast(self.group, flat)
             future.result()
         self.client.finish_weight_update(weight_version)
