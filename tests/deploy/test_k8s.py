@@ -1,0 +1,298 @@
+"""Kubernetes manifests: every object of the base and each overlay, rendered, validated
+against the pinned Kubernetes version's schemas (kubernetes-validate, strict: unknown fields
+are errors) and the RayJob against the KubeRay CRD's openAPIV3Schema; then the deployment
+rules of issue #8 (probes, resources, GPUs, Redis isolation, token, config)."""
+
+from __future__ import annotations
+
+import base64
+import copy
+from functools import cache
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.deploy.conftest import KUSTOMIZATIONS, REPO, TEST_TOKEN
+
+K8S_VERSION = "1.30.0"
+KUBERAY_CRD = REPO / "deploy" / "schemas" / "kuberay-v1.7.0-ray.io_rayjobs.yaml"
+HAPO_PORTS = {"rollout": 8001, "reward": 8002, "trainer": 8000}
+
+
+@cache
+def rayjob_schema() -> dict[str, Any]:
+    """The v1 openAPIV3Schema of the vendored KubeRay CRD, made strict: objects that list
+    their properties and do not preserve unknown fields reject others, as the API server's
+    strict field validation (kubectl's default) does."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    crd = yaml.load(KUBERAY_CRD.read_text(), Loader=loader)
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    schema = copy.deepcopy(version["schema"]["openAPIV3Schema"])
+
+    def strict(node: Any) -> None:
+        if isinstance(node, dict):
+            if (
+                "properties" in node
+                and "additionalProperties" not in node
+                and not node.get("x-kubernetes-preserve-unknown-fields")
+            ):
+                node["additionalProperties"] = False
+            for value in node.values():
+                strict(value)
+        elif isinstance(node, list):
+            for value in node:
+                strict(value)
+
+    strict(schema)
+    # metadata is `type: object` in CRDs; the API server checks it as ObjectMeta.
+    return schema
+
+
+def validate_rayjob(obj: dict[str, Any]) -> None:
+    assert obj["apiVersion"] == "ray.io/v1" and obj["kind"] == "RayJob"
+    jsonschema.Draft4Validator(rayjob_schema()).validate(obj)
+    meta = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": obj["metadata"]}
+    kubernetes_validate.validate(meta, K8S_VERSION, strict=True)  # ObjectMeta of the RayJob
+
+
+def validate_object(obj: dict[str, Any]) -> None:
+    if obj.get("kind") == "RayJob":
+        validate_rayjob(obj)
+    else:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+def pod_specs(obj: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(label, pod spec) of every pod template in an object."""
+    spec = obj.get("spec", {})
+    if obj["kind"] in ("Deployment", "StatefulSet"):
+        return [(obj["metadata"]["name"], spec["template"]["spec"])]
+    if obj["kind"] == "RayJob":
+        cluster = spec["rayClusterSpec"]
+        found = [("ray-head", cluster["headGroupSpec"]["template"]["spec"])]
+        for group in cluster["workerGroupSpecs"]:
+            found.append((f"ray-{group['groupName']}", group["template"]["spec"]))
+        return found
+    return []
+
+
+def find(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    (obj,) = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
+    return obj
+
+
+# ------------------------------------------------------------------------ schemas
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_every_object_validates_against_pinned_kubernetes_and_kuberay_schemas(
+    rendered: dict[str, list[dict[str, Any]]], kustomization: str
+) -> None:
+    objects = rendered[kustomization]
+    assert objects
+    for obj in objects:
+        validate_object(obj)
+
+
+def test_validators_reject_broken_objects(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    objects = rendered["overlays/gpu"]
+    deployment = copy.deepcopy(find(objects, "Deployment", "rollout"))
+    deployment["spec"]["replicas"] = "two"
+    with pytest.raises(jsonschema.ValidationError):
+        validate_object(deployment)
+    typo = copy.deepcopy(find(objects, "Deployment", "reward"))
+    typo["spec"]["template"]["spec"]["containers"][0]["livenessProbes"] = {}
+    with pytest.raises(jsonschema.ValidationError):  # strict: unknown field
+        validate_object(typo)
+    rayjob = find(objects, "RayJob", "trainer")
+    for mutate in (
+        lambda job: job["spec"].__setitem__("entrypointt", "hapo"),
+        lambda job: job["spec"].__setitem__("shutdownAfterJobFinishes", "yes"),
+        lambda job: job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0].pop("groupName"),
+        lambda job: job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"][
+            "containers"
+        ][0].__setitem__("imagePullPolicy", 3),
+        lambda job: job["metadata"].__setitem__("labels", {"a": 1}),
+    ):
+        broken = copy.deepcopy(rayjob)
+        mutate(broken)
+        with pytest.raises(jsonschema.ValidationError):
+            validate_object(broken)
+
+
+# ------------------------------------------------------------------------ rules
+
+
+def hapo_containers(objects: list[dict[str, Any]]):
+    for obj in objects:
+        for label, spec in pod_specs(obj):
+            for kind in ("initContainers", "containers"):
+                for container in spec.get(kind, []):
+                    if container["image"].startswith("hapo-rl:"):
+                        yield obj, label, kind, container, spec
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_containers_have_requests_limits_and_run_unprivileged(
+    rendered: dict[str, list[dict[str, Any]]], kustomization: str
+) -> None:
+    for obj in rendered[kustomization]:
+        for label, spec in pod_specs(obj):
+            assert spec["securityContext"]["runAsNonRoot"] is True, label
+            for container in spec.get("initContainers", []) + spec["containers"]:
+                resources = container["resources"]
+                assert resources["requests"] and resources["limits"], (label, container["name"])
+                assert container["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_service_containers_probe_healthz_and_readyz_on_their_port(
+    rendered: dict[str, list[dict[str, Any]]], kustomization: str
+) -> None:
+    checked = set()
+    for obj, _, kind, container, _ in hapo_containers(rendered[kustomization]):
+        if kind != "containers" or obj["kind"] == "RayJob":
+            continue  # the Ray head's API starts with the job (see rayjob.yaml)
+        service = container["args"][0]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports["http"] == HAPO_PORTS[service]
+        assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+        assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["HAPO_API_HOST"] == "0.0.0.0"
+        assert env["HAPO_REDIS_URL"] == "redis://redis:6379/0"
+        checked.add(service)
+    with_trainer_pod = kustomization in ("overlays/cpu", "overlays/gpu-single")
+    expected = {"rollout", "reward"} | ({"trainer"} if with_trainer_pod else set())
+    assert checked == expected
+
+
+@pytest.mark.parametrize("kustomization", ["overlays/gpu", "overlays/gpu-single"])
+def test_gpu_overlays_give_rollout_and_trainer_gpus(
+    rendered: dict[str, list[dict[str, Any]]], kustomization: str
+) -> None:
+    objects = rendered[kustomization]
+    rollout = find(objects, "Deployment", "rollout")["spec"]["template"]["spec"]
+    (container,) = rollout["containers"]
+    assert container["image"].endswith("-cuda")
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    if kustomization == "overlays/gpu":
+        rayjob = find(objects, "RayJob", "trainer")
+        (group,) = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+        worker = group["template"]["spec"]["containers"][0]
+        assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        assert "trainer.backend=ray" in rayjob["spec"]["entrypoint"].split()
+        assert not [
+            o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "trainer"
+        ]
+    else:
+        trainer = find(objects, "Deployment", "trainer")["spec"]["template"]["spec"]
+        assert trainer["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    for _obj, label, _, c, _ in hapo_containers(objects):
+        if c["image"].endswith("-cuda"):
+            assert {e["name"]: e.get("value") for e in c["env"]}["HAPO_MODEL_PATH"] == (
+                "/models/model"
+            ), label
+
+
+def test_cpu_overlay_uses_no_gpu(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    text = yaml.safe_dump_all(rendered["overlays/cpu"])
+    assert "nvidia.com/gpu" not in text and "-cuda" not in text
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_only_hapo_services_reach_redis(
+    rendered: dict[str, list[dict[str, Any]]], kustomization: str
+) -> None:
+    objects = rendered[kustomization]
+    policy = find(objects, "NetworkPolicy", "redis-clients-only")["spec"]
+    redis = find(objects, "StatefulSet", "redis")
+    assert policy["podSelector"]["matchLabels"].items() <= (
+        redis["spec"]["template"]["metadata"]["labels"].items()
+    )
+    assert policy["policyTypes"] == ["Ingress"]
+    (rule,) = policy["ingress"]
+    (source,) = rule["from"]
+    client_label = source["podSelector"]["matchLabels"]
+    assert set(source) == {"podSelector"}  # no namespaceSelector / ipBlock
+    for obj in objects:
+        templates = []
+        if obj["kind"] in ("Deployment", "StatefulSet"):
+            templates = [obj["spec"]["template"]]
+        elif obj["kind"] == "RayJob":
+            cluster = obj["spec"]["rayClusterSpec"]
+            templates = [cluster["headGroupSpec"]["template"]] + [
+                g["template"] for g in cluster["workerGroupSpecs"]
+            ]
+        for template in templates:
+            labels = template["metadata"]["labels"]
+            is_client = client_label.items() <= labels.items()
+            assert is_client == (obj["metadata"]["name"] != "redis"), obj["metadata"]["name"]
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_redis_keeps_an_aof_on_a_pvc(
+    rendered: dict[str, list[dict[str, Any]]], kustomization: str
+) -> None:
+    redis = find(rendered[kustomization], "StatefulSet", "redis")["spec"]
+    args = redis["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--appendonly") + 1] == "yes"
+    mount = redis["template"]["spec"]["containers"][0]["volumeMounts"][0]
+    assert mount["mountPath"] == args[args.index("--dir") + 1]
+    assert redis["volumeClaimTemplates"][0]["metadata"]["name"] == mount["name"]
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_token_comes_from_the_generated_secret_and_reward_scales(
+    rendered: dict[str, list[dict[str, Any]]], kustomization: str
+) -> None:
+    objects = rendered[kustomization]
+    secret = find(objects, "Secret", "hapo-api-token")
+    assert base64.b64decode(secret["data"]["HAPO_API_TOKEN"]).decode() == TEST_TOKEN
+    for _, label, _, container, _ in hapo_containers(objects):
+        for env in container.get("env", []):
+            if env["name"] == "HAPO_API_TOKEN":
+                assert "value" not in env, label
+                assert env["valueFrom"]["secretKeyRef"] == {
+                    "name": "hapo-api-token",
+                    "key": "HAPO_API_TOKEN",
+                }
+    hpa = find(objects, "HorizontalPodAutoscaler", "reward")["spec"]
+    assert hpa["scaleTargetRef"]["name"] == "reward" and hpa["minReplicas"] >= 2
+    pdb = find(objects, "PodDisruptionBudget", "rollout")["spec"]
+    assert pdb["selector"]["matchLabels"] == {"app.kubernetes.io/name": "rollout"}
+
+
+def test_configmap_carries_the_same_run_config_as_compose(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    configmap = find(rendered["base"], "ConfigMap", "hapo-config")
+    assert configmap["data"]["hapo.yaml"] == (REPO / "deploy/config/hapo.yaml").read_text()
+
+
+def test_the_token_files_are_git_ignored_and_none_is_committed() -> None:
+    ignored = (REPO / "deploy" / ".gitignore").read_text().split()
+    assert "/k8s/base/api-token.env" in ignored and "/compose/api-token.env" in ignored
+    for example in ("k8s/base/api-token.env.example", "compose/api-token.env.example"):
+        lines = (REPO / "deploy" / example).read_text().splitlines()
+        assert "HAPO_API_TOKEN=" in lines  # empty: a user must fill it in
+
+
+def test_rayjob_ray_version_is_the_images_ray(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    rayjob = find(rendered["overlays/gpu"], "RayJob", "trainer")
+    constraints = (REPO / "constraints/cpu.txt").read_text().splitlines()
+    (ray,) = [line.split("==")[1] for line in constraints if line.startswith("ray==")]
+    dockerfile = (REPO / "deploy/docker/Dockerfile").read_text()
+    assert rayjob["spec"]["rayClusterSpec"]["rayVersion"] == ray
+    assert f"ARG RAY_VERSION={ray}" in dockerfile
+
+
+def test_vendored_kuberay_crd_is_the_recorded_upstream_file() -> None:
+    import hashlib
+
+    source = (REPO / "deploy" / "schemas" / "README.md").read_text()
+    digest = hashlib.sha256(KUBERAY_CRD.read_bytes()).hexdigest()
+    assert digest in source
