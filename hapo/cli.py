@@ -126,6 +126,13 @@ def rollout(
     importlib.import_module("services.rollout.service").run(config, consumer)
 
 
+@app.command("trainer")
+def trainer(overrides: Overrides = None, config_file: ConfigFile = None) -> None:
+    """Run the trainer: queue prompts, train on scored groups, push weights to rollout."""
+    config = _load(config_file, overrides)
+    importlib.import_module("services.trainer.service").run(config)
+
+
 @app.command("reward")
 def reward(
     overrides: Overrides = None,

@@ -133,6 +133,9 @@ class RewardConfig(_Section):
 
 
 class DataConfig(_Section):
+    train_files: str = "builtin:addition"
+    """Training problems: ``builtin:addition``, ``builtin:addition2``, or a JSONL/Parquet file
+    with ``prompt`` and ``answer`` columns."""
     train_batch_size: int = Field(8, ge=1)
     """Prompts per training step."""
     max_prompt_length: int = Field(256, ge=1)
@@ -187,6 +190,18 @@ class TrainerConfig(_Section):
     memory ``chunk x vocab x 4`` bytes instead of the whole batch's fp32 logits."""
     checkpoint_keep_last: int = Field(3, ge=1, le=10_000)
     """Checkpoints kept in ``run_dir/<run id>/checkpoints/``; older ones are deleted."""
+    checkpoint_every: int = Field(10, ge=1)
+    """Steps between checkpoints (the last step is always saved)."""
+    run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    """Name of the run (default: a new one)."""
+    rollout_urls: list[str] = ["http://127.0.0.1:8001"]
+    """Rollout replicas to push weights to (their HTTP base URLs)."""
+    weight_sync_host: str = "127.0.0.1"
+    """Address of this trainer that rollout replicas can reach for the weight rendezvous."""
+    weight_sync_port: int = Field(29500, ge=1024, le=65000)
+    """First port of the weight-sync rendezvous; replica i uses this port + i."""
+    weight_sync_timeout_s: float = Field(120.0, gt=0.0, le=3600.0)
+    """A replica that does not answer a weight push in this time is reported and skipped."""
 
 
 class ModelConfig(_Section):
@@ -318,6 +333,18 @@ def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def _parse_value(key: str, value: str) -> Any:
+    """A command-line or environment value: lists and maps (``[a, b]``, ``{k: v}``) are
+    parsed as YAML; everything else stays a string for pydantic to convert, so a token of
+    digits stays a string."""
+    if not value.lstrip().startswith(("[", "{")):
+        return value
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{key}: cannot parse {value!r} as a list or map: {exc}") from None
+
+
 def _env_layer(environ: Mapping[str, str]) -> dict[str, Any]:
     by_env = {env_var_name(key): key for key, leaf in iter_keys() if leaf}
     layer: dict[str, Any] = {}
@@ -328,7 +355,7 @@ def _env_layer(environ: Mapping[str, str]) -> dict[str, Any]:
             close = difflib.get_close_matches(name, list(by_env), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise ConfigError(f"unknown environment variable {name}{hint}")
-        _set_dotted(layer, by_env[name], value)
+        _set_dotted(layer, by_env[name], _parse_value(name, value))
     return layer
 
 
@@ -338,7 +365,7 @@ def _override_layer(overrides: Sequence[str]) -> dict[str, Any]:
         key, sep, value = override.partition("=")
         if not sep or not key:
             raise ConfigError(f"override '{override}' is not of the form key=value")
-        _set_dotted(layer, key.strip(), value)
+        _set_dotted(layer, key.strip(), _parse_value(key.strip(), value))
     return layer
 
 

