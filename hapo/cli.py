@@ -126,6 +126,26 @@ def rollout(
     importlib.import_module("services.rollout.service").run(config, consumer)
 
 
+@app.command("up")
+def up(
+    overrides: Overrides = None,
+    config_file: ConfigFile = None,
+    steps: Annotated[int | None, typer.Option(min=1, help="Training steps of the run.")] = None,
+    run_dir: Annotated[Path | None, typer.Option(help="Where runs/<run id>/ goes.")] = None,
+) -> None:
+    """Run the whole stack on this machine (Redis, rollout, reward, trainer) until the run
+    ends; Ctrl-C stops everything."""
+    overrides = list(overrides or [])
+    if steps is not None:
+        overrides.append(f"trainer.total_steps={steps}")
+    if run_dir is not None:
+        overrides.append(f"trainer.run_dir={run_dir}")
+    config = _load(config_file, overrides)
+    from hapo.launcher import up as launch
+
+    raise typer.Exit(code=launch(config, config_file, overrides))
+
+
 @app.command("trainer")
 def trainer(overrides: Overrides = None, config_file: ConfigFile = None) -> None:
     """Run the trainer: queue prompts, train on scored groups, push weights to rollout."""
