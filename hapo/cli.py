@@ -41,6 +41,10 @@ Overrides = Annotated[
     ),
 ]
 
+Consumer = Annotated[
+    str | None, typer.Option(help="Consumer name in the stream's group (default: host-pid).")
+]
+
 
 class OutputFormat(enum.StrEnum):
     yaml = "yaml"
@@ -117,9 +121,7 @@ def redis_ensure(overrides: Overrides = None, config_file: ConfigFile = None) ->
 def rollout(
     overrides: Overrides = None,
     config_file: ConfigFile = None,
-    consumer: Annotated[
-        str | None, typer.Option(help="Consumer name in the group (default: host-pid).")
-    ] = None,
+    consumer: Consumer = None,
 ) -> None:
     """Run a rollout replica: sample <prefix>:prompts into <prefix>:trajectories with vLLM."""
     config = _load(config_file, overrides)
@@ -157,9 +159,7 @@ def trainer(overrides: Overrides = None, config_file: ConfigFile = None) -> None
 def reward(
     overrides: Overrides = None,
     config_file: ConfigFile = None,
-    consumer: Annotated[
-        str | None, typer.Option(help="Consumer name in the group (default: host-pid).")
-    ] = None,
+    consumer: Consumer = None,
 ) -> None:
     """Run a reward worker: score <prefix>:trajectories into <prefix>:scored."""
     config = _load(config_file, overrides)
