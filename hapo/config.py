@@ -202,6 +202,9 @@ class TrainerConfig(_Section):
     """First port of the weight-sync rendezvous; replica i uses this port + i."""
     weight_sync_timeout_s: float = Field(120.0, gt=0.0, le=3600.0)
     """A replica that does not answer a weight push in this time is reported and skipped."""
+    exit_after_run: bool = True
+    """Exit once the run started at launch ends (``hapo up``, tests); false keeps serving
+    the control API so that new runs can be started with ``POST /v1/runs``."""
 
 
 class ModelConfig(_Section):

@@ -490,6 +490,9 @@ class LearnerStepResult(NamedTuple):
     """Scalars grouped by prefix: ``loss/``, ``reward/``, ``entropy/``, ``perf/``."""
     norm_entropys: NormEntropys
     """Entropy statistics of this step's batch, for the rollout's next samples."""
+    h_hat: torch.Tensor | None = None
+    """``h_hat`` of the batch's response tokens at the start of the step (1-D, on CPU),
+    for the trainer's histogram."""
 
 
 def _batch_metrics(
@@ -585,4 +588,5 @@ def learner_step(
         "perf/tokens_per_s": batch.attention_mask.sum().item() / step_s,
         "perf/samples": float(batch.size),
     }
-    return LearnerStepResult(metrics, norm_entropys)
+    h_hat = targets.old_h_hat.masked_select(batch.response_mask.bool()).detach().cpu()
+    return LearnerStepResult(metrics, norm_entropys, h_hat)

@@ -6,11 +6,14 @@ Per step: make sure the prompt groups of the steps up to ``max_staleness`` ahead
 queued on ``<prefix>:prompts`` (each carrying the last step's ``norm_entropys``); read
 ``<prefix>:scored`` until ``data.train_batch_size`` complete groups are in; run
 ``hapo.learner.learner_step``; push the new weights to every rollout replica; acknowledge
-the step's entries; append one JSON line to ``run_dir/<run id>/metrics.jsonl``; checkpoint
-every ``trainer.checkpoint_every`` steps.
+the step's entries; append one JSON line to ``run_dir/<run id>/metrics.jsonl`` and update
+the Prometheus metrics; checkpoint every ``trainer.checkpoint_every`` steps.
 
-Not yet here (see the [trainer] issue): the REST control API, exact resume of a killed
-run, Ray Train workers.
+Between steps the loop honours the control API's requests (``control.RunControl``):
+pause, resume, checkpoint, stop (a stopped run checkpoints its last step). The API and the
+runs of one process live in ``services.trainer.api`` and ``services.trainer.runs``.
+
+Not yet here (see the [trainer] issue): exact resume of a killed run, Ray Train workers.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import logging
 import time
 import uuid
 from pathlib import Path
+from typing import TextIO
 
 import redis.asyncio as aioredis
 import torch
@@ -28,7 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hapo.config import HapoConfig
 from hapo.data import problem_stream
-from hapo.learner import build_batch, learner_step, make_optimizer
+from hapo.learner import LearnerStepResult, build_batch, learner_step, make_optimizer
 from hapo.messages import (
     AdaptiveTemperature,
     MalformedMessage,
@@ -45,7 +49,9 @@ from hapo.weight_sync import (
     RolloutWeightSyncClient,
 )
 from services.trainer.checkpoint import save_checkpoint
+from services.trainer.control import RunControl, RunState
 from services.trainer.groups import GroupAssembler
+from services.trainer.metrics import TrainerMetrics
 
 logger = logging.getLogger("hapo.trainer")
 
@@ -55,9 +61,17 @@ _ROLLOUT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float3
 class TrainerService:
     """One run: queues prompts, trains on complete groups, pushes weights."""
 
-    def __init__(self, config: HapoConfig) -> None:
+    def __init__(
+        self,
+        config: HapoConfig,
+        control: RunControl | None = None,
+        metrics: TrainerMetrics | None = None,
+        run_id: str | None = None,
+    ) -> None:
         self.config = config
-        self.run_id = config.trainer.run_id or f"run-{uuid.uuid4().hex[:8]}"
+        self.control = control or RunControl()
+        self.metrics = metrics or TrainerMetrics()
+        self.run_id = run_id or config.trainer.run_id or f"run-{uuid.uuid4().hex[:8]}"
         self.run_dir = Path(config.trainer.run_dir).expanduser() / self.run_id
         path = config.model.local_path
         self.tokenizer = AutoTokenizer.from_pretrained(path)
@@ -72,7 +86,10 @@ class TrainerService:
             self.client, self.names.scored, TRAINER_GROUP, f"trainer-{self.run_id}"
         )
         self.groups = GroupAssembler(self.run_id)
-        self.policy_version = 0
+        self.step = self.policy_version = 0
+        self.last: dict[str, float] = {}
+        """The last step's JSONL record."""
+        self.checkpointed_step: int | None = None
         self.norm_entropys: tuple[float, float, float, float] | None = None
         self.groups_queued = 0
         self.senders: dict[str, GlooTrainerWeightTransferEngine] = {}
@@ -115,12 +132,28 @@ class TrainerService:
             pipe.xadd(self.names.prompts, self._prompt_group().encode())
         await pipe.execute()
 
-    async def _collect(self, stop: asyncio.Event) -> tuple[list[ScoredTrajectory], list] | None:
+    async def _between_steps(self) -> bool:
+        """Honour checkpoint and pause requests (parking while paused); False once the run
+        should stop."""
+        control = self.control
+        while True:
+            if control.take_checkpoint_request():
+                await self._checkpoint()
+            if control.stop.is_set():
+                return False
+            if not control.pause_requested:
+                if control.state is RunState.PAUSED:
+                    control.state = RunState.RUNNING
+                return True
+            control.state = RunState.PAUSED
+            await control.idle(0.2)
+
+    async def _collect(self) -> tuple[list[ScoredTrajectory], list] | None:
         """The next ``train_batch_size`` complete groups and the entries that carried them;
-        None once ``stop`` is set."""
+        None once the run should stop."""
         wanted = self.config.data.train_batch_size
         while len(self.groups.complete()) < wanted:
-            if stop.is_set():
+            if not await self._between_steps():
                 return None
             strangers = []
             for entry in await self.consumer.read():
@@ -171,7 +204,8 @@ class TrainerService:
         token = self.config.api.token
         return None if token is None else token.get_secret_value()
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def run(self) -> None:
+        """Train until ``trainer.total_steps`` or a stop request (then checkpoint)."""
         await self.consumer.start()
         await ensure_group(self.client, self.names.prompts, ROLLOUT_GROUP)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -180,44 +214,77 @@ class TrainerService:
         metrics_file = (self.run_dir / "metrics.jsonl").open("a")
         total = self.config.trainer.total_steps
         logger.info("run %s: %d steps into %s", self.run_id, total, self.run_dir)
+        if self.control.state is RunState.PENDING:
+            self.control.state = RunState.RUNNING
         try:
-            for step in range(1, self.config.trainer.total_steps + 1):
+            for step in range(1, total + 1):
+                if not await self._between_steps():
+                    break
                 await self._queue_prompts(step - 1)
-                collected = await self._collect(stop)
+                collected = await self._collect()
                 if collected is None:
-                    logger.info("stopped before step %d", step)
                     break
                 samples, entries = collected
                 batch = build_batch(samples, pad)
                 result = await asyncio.to_thread(
                     learner_step, self.model, self.optimizer, self.scheduler, batch, self.config
                 )
-                self.policy_version = step
+                self.step = self.policy_version = step
                 self.norm_entropys = tuple(result.norm_entropys)
                 sync_s = await asyncio.to_thread(self._push_weights)
                 pipe = self.client.pipeline()
                 self.consumer.ack(pipe, entries)
                 await pipe.execute()
-                staleness = [self.policy_version - 1 - s.policy_version for s in samples]
-                line = {
-                    "step": step, "policy_version": self.policy_version, **result.metrics,
-                    "perf/weight_sync_s": sync_s, "staleness/mean": sum(staleness) / len(staleness),
-                    "staleness/max": max(staleness), "data/duplicates": self.groups.duplicates,
-                }  # fmt: skip
-                metrics_file.write(json.dumps(line) + "\n")
-                metrics_file.flush()
-                logger.info(
-                    "step %d: reward %.3f, entropy %.3f, %.0f tokens/s", step,
-                    line["reward/mean"], line["entropy/mean"], line["perf/tokens_per_s"],
-                )  # fmt: skip
-                every = self.config.trainer.checkpoint_every
-                if step % every == 0 or step == self.config.trainer.total_steps:
-                    await asyncio.to_thread(self._checkpoint, step)
+                self._record(samples, result, sync_s, metrics_file)
+                if step % self.config.trainer.checkpoint_every == 0 or step == total:
+                    await self._checkpoint()
+            if self.step < total:
+                logger.info("run %s stopped after step %d", self.run_id, self.step)
+                if self.checkpointed_step != self.step and self.step > 0:
+                    await self._checkpoint()
         finally:
             metrics_file.close()
             await self.client.aclose()
 
-    def _checkpoint(self, step: int) -> None:
+    def _record(
+        self,
+        samples: list[ScoredTrajectory],
+        result: LearnerStepResult,
+        sync_s: float,
+        file: TextIO,
+    ) -> None:
+        """The step's JSONL line, Prometheus metrics and log line."""
+        staleness = [self.policy_version - 1 - s.policy_version for s in samples]
+        h_hat_stats = {}
+        if result.h_hat is not None and result.h_hat.numel():
+            q = torch.quantile(result.h_hat.float(), torch.tensor([0.1, 0.5, 0.9])).tolist()
+            h_hat_stats = {
+                "entropy/h_hat_mean": result.h_hat.float().mean().item(),
+                "entropy/h_hat_p10": q[0], "entropy/h_hat_p50": q[1], "entropy/h_hat_p90": q[2],
+            }  # fmt: skip
+        line = {
+            "step": self.step, "policy_version": self.policy_version, **result.metrics,
+            **h_hat_stats, "perf/weight_sync_s": sync_s,
+            "staleness/mean": sum(staleness) / len(staleness), "staleness/max": max(staleness),
+            "data/duplicates": self.groups.duplicates,
+        }  # fmt: skip
+        file.write(json.dumps(line) + "\n")
+        file.flush()
+        self.last = line
+        self.metrics.record_step(line, result.h_hat)
+        logger.info(
+            "step %d: reward %.3f, entropy %.3f, %.0f tokens/s", self.step,
+            line["reward/mean"], line["entropy/mean"], line["perf/tokens_per_s"],
+        )  # fmt: skip
+
+    async def _checkpoint(self) -> None:
+        """Save the state after the last completed step."""
+        if self.checkpointed_step == self.step:
+            return
+        await asyncio.to_thread(self._save_checkpoint, self.step)
+        self.checkpointed_step = self.step
+
+    def _save_checkpoint(self, step: int) -> None:
         save_checkpoint(
             self.run_dir / "checkpoints", step, self.model, self.optimizer, self.scheduler,
             keep_last=self.config.trainer.checkpoint_keep_last,
@@ -226,13 +293,15 @@ class TrainerService:
         )  # fmt: skip
 
 
-async def _main(config: HapoConfig) -> None:
-    stop = stop_event_on_signals()
-    await TrainerService(config).run(stop)
-
-
 def run(config: HapoConfig) -> None:
-    """Entry point of ``hapo trainer``: one run of ``trainer.total_steps`` steps."""
+    """Entry point of ``hapo trainer``: start a run of ``trainer.total_steps`` steps from
+    ``config`` and serve the control API on ``api.host:api.port``; exit when the run ends
+    if ``trainer.exit_after_run`` (exit status 1 if it failed), else on SIGINT/SIGTERM."""
+    from services.trainer.api import serve
+
     setup_logging("trainer", config)
-    torch.manual_seed(config.seed)
-    asyncio.run(_main(config))
+
+    async def main() -> int:
+        return await serve(config, stop_event_on_signals(), start_run=True)
+
+    raise SystemExit(asyncio.run(main()))

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -19,11 +20,23 @@ HAPO = str(Path(sys.executable).with_name("hapo"))
 TOKEN = "e2e-token"
 
 
+def _get(url: str, token: str | None = TOKEN) -> dict | int | None:
+    """Decoded JSON, the status of an HTTP error, or None if nothing answers."""
+    headers = {} if token is None else {"authorization": f"Bearer {token}"}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return None
+
+
 @pytest.mark.slow
 def test_two_training_steps_through_every_service(
     tiny_model_dir: Path, stream_names: StreamNames, tmp_path: Path
 ) -> None:
-    rollout_port = free_port()
+    rollout_port, api_port = free_port(), free_port()
     common = [f"model.path={tiny_model_dir}", f"redis.stream_prefix={stream_names.prefix}",
               "actor_rollout_ref.rollout.n=2", "data.train_batch_size=2",
               "actor_rollout_ref.actor.ppo_mini_batch_size=2", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
@@ -34,7 +47,7 @@ def test_two_training_steps_through_every_service(
         "reward": ["reward", *common, "reward.http_port=0"],
         "trainer": ["trainer", *common, "trainer.total_steps=2", "trainer.run_id=smoke",
                     f"trainer.run_dir={tmp_path / 'runs'}", f"trainer.rollout_urls=[\"http://127.0.0.1:{rollout_port}\"]",
-                    f"trainer.weight_sync_port={free_port()}"],
+                    f"trainer.weight_sync_port={free_port()}", f"api.port={api_port}"],
     }  # fmt: skip
     env = {**os.environ, "HAPO_API_TOKEN": TOKEN}
     processes = {}
@@ -44,6 +57,12 @@ def test_two_training_steps_through_every_service(
             processes[name] = subprocess.Popen(
                 [HAPO, *command], stdout=log, stderr=subprocess.STDOUT, env=env
             )
+        api = f"http://127.0.0.1:{api_port}"
+        wait_for(lambda: _get(f"{api}/healthz") is not None, 120, "the trainer's control API")
+        assert _get(f"{api}/v1/runs/smoke", token=None) == 401
+        run = _get(f"{api}/v1/runs/smoke")
+        assert run["run_id"] == "smoke" and run["total_steps"] == 2
+        assert run["state"] in ("pending", "running", "finished")
         assert processes["trainer"].wait(timeout=600) == 0, (tmp_path / "trainer.log").read_text()[
             -3000:
         ]

@@ -1,0 +1,275 @@
+"""The trainer's control API: start and steer runs, read the config, probes and metrics.
+
+Every ``/v1`` route needs ``Authorization: Bearer <api.token>`` (401 otherwise); request
+bodies over ``MAX_BODY_BYTES`` get 413. The OpenAPI schema is at ``/openapi.json``.
+Control requests (pause, resume, stop, checkpoint) are answered at once (202) and take
+effect between training steps; poll ``GET /v1/runs/{run_id}`` for the new state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+from typing import Annotated, Any
+
+import redis.asyncio as aioredis
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.security import HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from hapo.config import ConfigError, HapoConfig
+from hapo.http import Readiness, add_probe_routes, bearer_auth, redis_answers
+from hapo.runtime import serve_http
+from services.trainer.control import RunState
+from services.trainer.metrics import TrainerMetrics
+from services.trainer.runs import Run, RunConflict, RunManager, config_with_overrides
+
+logger = logging.getLogger("hapo.trainer")
+
+MAX_BODY_BYTES = 64 * 1024
+"""Largest request body accepted."""
+
+
+class BodySizeLimit:
+    """ASGI middleware answering 413 to bodies over ``max_bytes`` (declared or streamed)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int = MAX_BODY_BYTES) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.max_bytes:
+            await self._too_large(send)
+            return
+        messages: list[Message] = []
+        size, more = 0, True
+        while more:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            more = message.get("more_body", False)
+            if size > self.max_bytes:
+                await self._too_large(send)
+                return
+
+        async def replay() -> Message:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, send: Send) -> None:
+        body = json.dumps({"detail": f"request body over {self.max_bytes} bytes"}).encode()
+        await send({
+            "type": "http.response.start", "status": status.HTTP_413_CONTENT_TOO_LARGE,
+            "headers": [(b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode())],
+        })  # fmt: skip
+        await send({"type": "http.response.body", "body": body})
+
+
+class ErrorDetail(BaseModel):
+    detail: str
+
+
+class StartRunRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    overrides: list[Annotated[str, Field(max_length=4096)]] = Field([], max_length=512)
+    """Dotted ``key=value`` overrides on top of the trainer's config, as on the command
+    line (``trainer.total_steps=50``); ``api.*`` cannot be changed."""
+
+
+class RunStatus(BaseModel):
+    run_id: str
+    state: RunState
+    step: int
+    """Training steps completed."""
+    total_steps: int
+    policy_version: int
+    reward_mean: float | None
+    """Mean sequence reward of the last step's batch."""
+    entropy_mean: float | None
+    """Mean token entropy (nats) of the last step's batch."""
+    tokens_per_s: float | None
+    """Learner throughput of the last step."""
+    checkpoint_step: int | None
+    """Step of the newest checkpoint this run wrote."""
+    error: str | None
+    """Why the run failed."""
+
+
+class TrainerReadiness(Readiness):
+    redis: bool
+    active_run: str | None
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def run_status(run: Run) -> RunStatus:
+    last = run.refresh().last_step
+    return RunStatus(
+        run_id=run.run_id, state=run.state, step=run.step,
+        total_steps=run.config.trainer.total_steps, policy_version=run.policy_version,
+        reward_mean=_finite(last.get("reward/mean")),
+        entropy_mean=_finite(last.get("entropy/mean")),
+        tokens_per_s=_finite(last.get("perf/tokens_per_s")), checkpoint_step=run.checkpoint_step,
+        error=run.error,
+    )  # fmt: skip
+
+
+def _manager(request: Request) -> RunManager:
+    return request.app.state.runs
+
+
+Manager = Annotated[RunManager, Depends(_manager)]
+
+
+def _run(run_id: str, manager: Manager) -> Run:
+    run = manager.get(run_id)
+    if run is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no run {run_id!r} in this trainer")
+    return run
+
+
+KnownRun = Annotated[Run, Depends(_run)]
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorDetail, "description": "Missing or wrong bearer token"},
+    413: {"model": ErrorDetail, "description": "Request body too large"},
+}
+_RUN_ERRORS: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorDetail, "description": "Unknown run"},
+    409: {"model": ErrorDetail, "description": "The run has ended"},
+}
+
+
+def create_app(config: HapoConfig, manager: RunManager, client: aioredis.Redis) -> FastAPI:
+    app = FastAPI(
+        title="HAPO-RL trainer",
+        description=__doc__,
+        version="1",
+    )
+    app.state.runs = manager
+    app.add_middleware(BodySizeLimit)
+    # HTTPBearer only documents the scheme in the OpenAPI schema; bearer_auth checks it.
+    auth = [Depends(HTTPBearer(auto_error=False)), Depends(bearer_auth(config.api.token))]
+    v1 = APIRouter(prefix="/v1", dependencies=auth, responses=_ERRORS)
+
+    async def readiness() -> TrainerReadiness:
+        """Redis answers."""
+        redis_ok = await redis_answers(client)
+        active = manager.active.run_id if manager.active is not None else None
+        return TrainerReadiness(ready=redis_ok, redis=redis_ok, active_run=active)
+
+    add_probe_routes(app, manager.metrics.registry, readiness, TrainerReadiness)
+
+    @v1.post(
+        "/runs",
+        status_code=status.HTTP_201_CREATED,
+        responses={409: {"model": ErrorDetail, "description": "A run is already active"}},
+    )
+    async def start_run(body: StartRunRequest, manager: Manager) -> RunStatus:
+        """Start a run with the trainer's config and ``overrides`` (one active run at a
+        time). A bad key or value is a 422 naming it."""
+        try:
+            run_config = config_with_overrides(manager.config, body.overrides)
+        except ConfigError as exc:
+            raise RequestValidationError(
+                [{"loc": ("body", "overrides"), "msg": str(exc), "type": "config_error"}]
+            ) from None
+        try:
+            run = manager.start(run_config)
+        except RunConflict as exc:
+            raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+        return run_status(run)
+
+    @v1.get("/runs/{run_id}", responses={404: _RUN_ERRORS[404]})
+    async def get_run(run: KnownRun) -> RunStatus:
+        """A run's state and progress; ``reward_mean``, ``entropy_mean`` and
+        ``tokens_per_s`` are the last step's."""
+        return run_status(run)
+
+    def _live(run: Run, action: str) -> None:
+        if run.state.terminal:
+            raise HTTPException(status.HTTP_409_CONFLICT, f"cannot {action}: run is {run.state}")
+
+    control = {"status_code": status.HTTP_202_ACCEPTED, "responses": _RUN_ERRORS}
+
+    @v1.post("/runs/{run_id}/pause", **control)
+    async def pause_run(run: KnownRun) -> RunStatus:
+        """Pause after the current step (state ``paused`` once it has taken effect)."""
+        _live(run, "pause")
+        run.control.request_pause()
+        return run_status(run)
+
+    @v1.post("/runs/{run_id}/resume", **control)
+    async def resume_run(run: KnownRun) -> RunStatus:
+        """Resume a paused run."""
+        _live(run, "resume")
+        run.control.request_resume()
+        return run_status(run)
+
+    @v1.post("/runs/{run_id}/stop", **control)
+    async def stop_run(run: KnownRun) -> RunStatus:
+        """Finish the current step, checkpoint it and end the run (state ``stopped``)."""
+        _live(run, "stop")
+        run.control.request_stop()
+        return run_status(run)
+
+    @v1.post("/runs/{run_id}/checkpoint", **control)
+    async def checkpoint_run(run: KnownRun) -> RunStatus:
+        """Save a checkpoint after the current step (``checkpoint_step`` tells when)."""
+        _live(run, "checkpoint")
+        run.control.request_checkpoint()
+        return run_status(run)
+
+    @v1.get("/config")
+    async def get_config() -> dict[str, Any]:
+        """The trainer process's effective config (secrets masked)."""
+        return json.loads(config.to_json())
+
+    app.include_router(v1)
+    return app
+
+
+async def serve(config: HapoConfig, stop: asyncio.Event, *, start_run: bool) -> int:
+    """Serve the control API until ``stop``; with ``start_run`` first start a run of
+    ``config`` and, if ``trainer.exit_after_run``, return once it has ended.
+
+    Returns:
+        The process exit status: 1 if the run started here failed, else 0.
+    """
+    metrics = TrainerMetrics()
+    manager = RunManager(config, metrics)
+    client = aioredis.from_url(config.redis.url)
+    app = create_app(config, manager, client)
+    server_stop = asyncio.Event()
+    server = asyncio.create_task(serve_http(app, config.api.host, config.api.port, server_stop))
+    logger.info("control API on http://%s:%d", config.api.host, config.api.port)
+    first = manager.start(config) if start_run else None
+    try:
+        if first is not None and config.trainer.exit_after_run:
+            ended = asyncio.create_task(first.ended.wait())
+            stopped = asyncio.create_task(stop.wait())
+            await asyncio.wait({ended, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            ended.cancel()
+            stopped.cancel()
+        else:
+            await stop.wait()
+    finally:
+        await manager.stop_all()
+        server_stop.set()
+        await server
+        await client.aclose()
+    return 1 if first is not None and first.state is RunState.FAILED else 0
