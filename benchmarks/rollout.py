@@ -1,13 +1,15 @@
 """Cost of the adaptive temperature in vLLM, and of one weight update.
 
-    hapo bench rollout [--prompts 64 --max-tokens 64 --repeats 3]
+    hapo bench rollout [--prompts 64 --max-tokens 64 --repeats 5]
 
-Same prompts and engine seed, side by side in one run, on the default model (SmolLM2-135M,
-bf16, ``enforce_eager``): plain vLLM; vLLM with the HAPO processor installed but every
-request adaptive-off; and adaptive on (tau 0.05). Every request generates exactly
-``--max-tokens`` tokens (EOS ignored), so throughputs compare equal work. Then one weight
-update of the whole model over the HTTP routes and gloo, bf16 on the wire, repeated:
-``weight_update_s`` is the median after the first (which also warms up the transfer).
+Same prompts and engine seed, on the default model (SmolLM2-135M, bf16, ``enforce_eager``):
+plain vLLM and vLLM with the HAPO processor installed run side by side (both engines up at
+once). Each round runs the variants back to back: plain; processor installed but every
+request adaptive-off; adaptive on (tau 0.05). The overhead is the median of the per-round
+slowdowns. Every request generates exactly ``--max-tokens`` tokens (EOS ignored), so the
+variants do equal work. Then the whole model's weights are pushed over the HTTP routes and
+gloo (bf16 on the wire) ``1 + --repeats`` times: ``weight_update_s`` is the median after the
+first, which also warms the transfer up.
 
 Last line: {"bench": "rollout", "overhead_adaptive_vs_plain": X, "tokens_per_s_plain": A,
 "tokens_per_s_adaptive": B, "weight_update_s": W, ...}; X is the fractional slowdown.
@@ -122,43 +124,48 @@ async def run(args: argparse.Namespace) -> dict:
     off = to_extra_args(AdaptiveTemperature(adaptive_temperature=False))
     rates: dict[str, list[float]] = {"plain": [], "installed_off": [], "adaptive": []}
 
-    print("starting plain vLLM ...", flush=True)
-    engine = build_engine(config, adaptive_processor=False)
+    print("starting plain vLLM and vLLM with the HAPO processor ...", flush=True)
+    plain_engine = build_engine(config, adaptive_processor=False)
+    hapo_engine = build_engine(config)
+    variants = {
+        "plain": (plain_engine, None),
+        "installed_off": (hapo_engine, off),
+        "adaptive": (hapo_engine, adaptive),
+    }
     try:
-        await tokens_per_second(engine, prompts[:4], 4, None, "warm")
+        for name, (engine, extra_args) in variants.items():  # warm up; compiles the entropy pass
+            await tokens_per_second(engine, prompts[:4], 4, extra_args, f"warm-{name}")
+        # Rounds alternate the variants, so slow drifts of a shared machine hit all alike.
         for repeat in range(args.repeats):
-            rates["plain"].append(
-                await tokens_per_second(engine, prompts, args.max_tokens, None, f"p{repeat}")
-            )
-            print(f"  plain: {rates['plain'][-1]:.1f} tokens/s", flush=True)
-    finally:
-        engine.shutdown()
-
-    print("starting vLLM with the HAPO processor (compiles the entropy pass) ...", flush=True)
-    engine = build_engine(config)
-    try:
-        await tokens_per_second(engine, prompts[:4], 4, adaptive, "warm")  # compile now
-        for repeat in range(args.repeats):
-            for name, extra_args in (("installed_off", off), ("adaptive", adaptive)):
+            for name, (engine, extra_args) in variants.items():
                 rate = await tokens_per_second(
                     engine, prompts, args.max_tokens, extra_args, f"{name}{repeat}"
                 )
                 rates[name].append(rate)
-                print(f"  {name}: {rate:.1f} tokens/s", flush=True)
+                print(f"  round {repeat + 1} {name}: {rate:.1f} tokens/s", flush=True)
+        plain_engine.shutdown()
         print("weight updates of the whole model ...", flush=True)
-        update_s = await weight_update_seconds(engine, config, args.port, 1 + args.repeats)
+        update_s = await weight_update_seconds(hapo_engine, config, args.port, 1 + args.repeats)
         print("  " + ", ".join(f"{s:.2f} s" for s in update_s), flush=True)
     finally:
-        engine.shutdown()
+        plain_engine.shutdown()
+        hapo_engine.shutdown()
 
     median = {name: statistics.median(values) for name, values in rates.items()}
+    # Per-round ratios: each compares runs made back to back.
+    slowdowns = [p / a - 1 for p, a in zip(rates["plain"], rates["adaptive"], strict=True)]
     return {
         "bench": "rollout",
-        "overhead_adaptive_vs_plain": round(median["plain"] / median["adaptive"] - 1, 4),
+        "overhead_adaptive_vs_plain": round(statistics.median(slowdowns), 4),
         "tokens_per_s_plain": round(median["plain"], 1),
         "tokens_per_s_adaptive": round(median["adaptive"], 1),
         "tokens_per_s_installed_off": round(median["installed_off"], 1),
-        "overhead_installed_off_vs_plain": round(median["plain"] / median["installed_off"] - 1, 4),
+        "overhead_installed_off_vs_plain": round(
+            statistics.median(
+                p / o - 1 for p, o in zip(rates["plain"], rates["installed_off"], strict=True)
+            ),
+            4,
+        ),
         "weight_update_s": round(statistics.median(update_s[1:]), 3),
         "weight_update_first_s": round(update_s[0], 3),
         "prompts": args.prompts,
@@ -172,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="hapo bench rollout", description=__doc__)
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--port", type=int, default=18931, help="HTTP port (and +1 for gloo)")
     args = parser.parse_args(argv)
