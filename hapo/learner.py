@@ -30,6 +30,7 @@ from torch import nn
 
 from hapo.algorithm import (
     NormEntropys,
+    chunk_logits,
     compute_grpo_outcome_advantage,
     compute_hapo_outcome_advantage,
     compute_norm_entropys,
@@ -138,13 +139,6 @@ def build_batch(trajectories: Sequence[ScoredTrajectory], pad_token_id: int) -> 
     )
 
 
-def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
-    """fp32 logits ``[c, V]`` of hidden rows ``[c, H]`` through ``weight`` ``[V, H]``,
-    divided by ``temperature``, as ``entropy_from_logits_chunked`` computes them."""
-    logits = (hidden @ weight.T).float()
-    return logits.div_(temperature) if temperature != 1.0 else logits
-
-
 class _TakenLogProb(torch.autograd.Function):
     """Log-prob of target tokens from hidden states, chunk by chunk, and its gradient.
 
@@ -169,7 +163,7 @@ class _TakenLogProb(torch.autograd.Function):
         entropy = torch.empty_like(log_prob) if with_entropy else log_prob.new_empty(0)
         for start in range(0, rows, chunk_size):
             end = start + chunk_size
-            logits = _chunk_logits(hidden[start:end], weight, temperature)
+            logits = chunk_logits(hidden[start:end], weight, temperature)
             log_norm[start:end] = logits.logsumexp(dim=-1)
             taken = logits.gather(-1, targets[start:end, None]).squeeze(-1)
             log_prob[start:end] = taken - log_norm[start:end]
@@ -198,7 +192,7 @@ class _TakenLogProb(torch.autograd.Function):
             grad = grad_log_prob[start:end, None].float()
             # d log_softmax(z)[target] / dz = onehot(target) - softmax(z), times 1/T for z/T.
             grad_logits = (
-                _chunk_logits(chunk, weight, temperature)
+                chunk_logits(chunk, weight, temperature)
                 .sub_(log_norm[start:end, None])
                 .exp_()
                 .mul_(-grad)

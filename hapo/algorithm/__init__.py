@@ -41,7 +41,7 @@ from hapo.algorithm.advantage import (
     compute_hapo_outcome_advantage,
     group_ids,
 )
-from hapo.algorithm.entropy import entropy_from_logits_chunked, token_entropy
+from hapo.algorithm.entropy import chunk_logits, entropy_from_logits_chunked, token_entropy
 from hapo.algorithm.loss import ada_advantage, ada_clip, hapo_policy_loss
 from hapo.algorithm.temperature import (
     NormEntropys,
@@ -56,6 +56,7 @@ __all__ = [
     "NormEntropys",
     "ada_advantage",
     "ada_clip",
+    "chunk_logits",
     "compute_entropy_based_temperature",
     "compute_grpo_outcome_advantage",
     "compute_hapo_outcome_advantage",

@@ -70,9 +70,17 @@ def entropy_from_logits_chunked(
     entropy = torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device)
     for start in range(0, rows.shape[0], chunk_size):
         chunk = rows[start : start + chunk_size]
-        if lm_head_weight is not None:
-            chunk = chunk @ lm_head_weight.T
-        if temperature != 1.0:
-            chunk = chunk.float() / temperature
-        entropy[start : start + chunk_size] = token_entropy(chunk)
+        entropy[start : start + chunk_size] = token_entropy(
+            chunk_logits(chunk, lm_head_weight, temperature)
+        )
     return entropy.reshape(lead)
+
+
+def chunk_logits(
+    chunk: torch.Tensor, lm_head_weight: torch.Tensor | None = None, temperature: float = 1.0
+) -> torch.Tensor:
+    """fp32 logits ``[c, V]`` of one chunk: ``[c, V]`` logits as they are, or ``[c, H]``
+    hidden states through ``lm_head_weight`` ``[V, H]``; divided by ``temperature``."""
+    logits = chunk if lm_head_weight is None else chunk @ lm_head_weight.T
+    logits = logits.float()
+    return logits.div_(temperature) if temperature != 1.0 else logits
