@@ -83,7 +83,9 @@ class ErrorDetail(BaseModel):
 class StartRunRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    overrides: list[Annotated[str, Field(max_length=4096)]] = Field([], max_length=512)
+    overrides: list[Annotated[str, Field(max_length=4096, pattern=r"^\s*[A-Za-z_][\w.]*\s*=")]] = (
+        Field([], max_length=512)
+    )
     """Dotted ``key=value`` overrides on top of the trainer's config, as on the command
     line (``trainer.total_steps=50``); ``api.*`` cannot be changed."""
 
@@ -177,7 +179,10 @@ def create_app(config: HapoConfig, manager: RunManager, client: aioredis.Redis) 
     @v1.post(
         "/runs",
         status_code=status.HTTP_201_CREATED,
-        responses={409: {"model": ErrorDetail, "description": "A run is already active"}},
+        responses={
+            400: {"model": ErrorDetail, "description": "Body is not UTF-8 / parseable"},
+            409: {"model": ErrorDetail, "description": "A run is already active"},
+        },
     )
     async def start_run(body: StartRunRequest, manager: Manager) -> RunStatus:
         """Start a run with the trainer's config and ``overrides`` (one active run at a
@@ -240,7 +245,24 @@ def create_app(config: HapoConfig, manager: RunManager, client: aioredis.Redis) 
         return json.loads(config.to_json())
 
     app.include_router(v1)
+    _document_metrics_as_text(app)
     return app
+
+
+def _document_metrics_as_text(app: FastAPI) -> None:
+    """Publish ``/metrics`` as the Prometheus text it is, not the JSON FastAPI assumes
+    (belongs in ``hapo.http.add_probe_routes``; done here until it moves there)."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            ok = schema["paths"]["/metrics"]["get"]["responses"]["200"]
+            ok["content"] = {"text/plain": {"schema": {"type": "string"}}}
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 async def serve(config: HapoConfig, stop: asyncio.Event, *, start_run: bool) -> int:
