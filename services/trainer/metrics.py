@@ -42,6 +42,18 @@ class TensorHistogram(Collector):
         )
 
 
+def h_hat_summary(h_hat: torch.Tensor | None) -> dict[str, float]:
+    """Mean and 10/50/90th percentiles of a step's token ``h_hat``, for its JSONL line."""
+    if h_hat is None or not h_hat.numel():
+        return {}
+    values = h_hat.float()
+    p10, p50, p90 = torch.quantile(values, torch.tensor([0.1, 0.5, 0.9])).tolist()
+    return {
+        "entropy/h_hat_mean": values.mean().item(),
+        "entropy/h_hat_p10": p10, "entropy/h_hat_p50": p50, "entropy/h_hat_p90": p90,
+    }  # fmt: skip
+
+
 @dataclass
 class TrainerMetrics:
     """Gauges of the last step, histograms over steps, counters of runs."""

@@ -51,7 +51,7 @@ from hapo.weight_sync import (
 from services.trainer.checkpoint import save_checkpoint
 from services.trainer.control import RunControl, RunState
 from services.trainer.groups import GroupAssembler
-from services.trainer.metrics import TrainerMetrics
+from services.trainer.metrics import TrainerMetrics, h_hat_summary
 
 logger = logging.getLogger("hapo.trainer")
 
@@ -255,16 +255,9 @@ class TrainerService:
     ) -> None:
         """The step's JSONL line, Prometheus metrics and log line."""
         staleness = [self.policy_version - 1 - s.policy_version for s in samples]
-        h_hat_stats = {}
-        if result.h_hat is not None and result.h_hat.numel():
-            q = torch.quantile(result.h_hat.float(), torch.tensor([0.1, 0.5, 0.9])).tolist()
-            h_hat_stats = {
-                "entropy/h_hat_mean": result.h_hat.float().mean().item(),
-                "entropy/h_hat_p10": q[0], "entropy/h_hat_p50": q[1], "entropy/h_hat_p90": q[2],
-            }  # fmt: skip
         line = {
             "step": self.step, "policy_version": self.policy_version, **result.metrics,
-            **h_hat_stats, "perf/weight_sync_s": sync_s,
+            **h_hat_summary(result.h_hat), "perf/weight_sync_s": sync_s,
             "staleness/mean": sum(staleness) / len(staleness), "staleness/max": max(staleness),
             "data/duplicates": self.groups.duplicates,
         }  # fmt: skip
