@@ -75,6 +75,11 @@ def add_probe_routes(
             response.status_code = 503
         return report
 
-    @app.get("/metrics")
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    )
     async def metrics() -> Response:
+        """Prometheus text exposition format."""
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -245,24 +245,7 @@ def create_app(config: HapoConfig, manager: RunManager, client: aioredis.Redis) 
         return json.loads(config.to_json())
 
     app.include_router(v1)
-    _document_metrics_as_text(app)
     return app
-
-
-def _document_metrics_as_text(app: FastAPI) -> None:
-    """Publish ``/metrics`` as the Prometheus text it is, not the JSON FastAPI assumes
-    (belongs in ``hapo.http.add_probe_routes``; done here until it moves there)."""
-    build = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            schema = build()
-            ok = schema["paths"]["/metrics"]["get"]["responses"]["200"]
-            ok["content"] = {"text/plain": {"schema": {"type": "string"}}}
-            app.openapi_schema = schema
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
 
 
 async def serve(config: HapoConfig, stop: asyncio.Event, *, start_run: bool) -> int:
