@@ -1,11 +1,51 @@
-"""Assembling complete prompt groups from the scored stream."""
+"""Assembling complete prompt groups from the scored stream, and the set of groups a run
+has trained."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from hapo.messages import ScoredTrajectory
 from hapo.streams import Entry
+
+
+@dataclass
+class TrainedGroups:
+    """Ids of the groups a run has trained, compact for a checkpoint's JSON record.
+
+    The trainer issues group ids ``f"{n:08d}"`` for n = 1, 2, ... and trains them roughly
+    in order, so the set is kept as "every n <= ``below``" plus the few ids above it
+    (and, for ids that are not numbers, the ids themselves).
+    """
+
+    below: int = 0
+    above: set[int] = field(default_factory=set)
+    other: set[str] = field(default_factory=set)
+
+    def add(self, group_id: str) -> None:
+        if not group_id.isdigit():
+            self.other.add(group_id)
+            return
+        self.above.add(int(group_id))
+        while self.below + 1 in self.above:
+            self.below += 1
+            self.above.remove(self.below)
+
+    def __contains__(self, group_id: object) -> bool:
+        if not isinstance(group_id, str):
+            return False
+        if not group_id.isdigit():
+            return group_id in self.other
+        number = int(group_id)
+        return number <= self.below or number in self.above
+
+    def to_json(self) -> dict[str, Any]:
+        return {"below": self.below, "above": sorted(self.above), "other": sorted(self.other)}
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> TrainedGroups:
+        return cls(record["below"], set(record["above"]), set(record["other"]))
 
 
 @dataclass
@@ -19,27 +59,33 @@ class GroupAssembler:
     """Collects scored samples per prompt group, dropping duplicates by key.
 
     A redelivered sample carries the same (run, group, sample index) as the copy already
-    held and is dropped (its stream entry is still acknowledged with the group). A group is
-    complete once all ``n`` samples are in.
+    held and is dropped (its stream entry is still acknowledged with the group); a sample of
+    a group already trained (``trained``) is refused. A group is complete once all ``n``
+    samples are in; popping it marks it trained.
     """
 
     run_id: str
+    trained: TrainedGroups = field(default_factory=TrainedGroups)
     duplicates: int = 0
     foreign: int = 0
     _groups: dict[str, _Group] = field(default_factory=dict)
 
-    def add(self, entry: Entry, sample: ScoredTrajectory) -> bool:
-        """Hold ``sample``; False if it belongs to another run (the caller acknowledges it)."""
+    def add(self, entry: Entry, sample: ScoredTrajectory) -> Literal["held", "foreign", "trained"]:
+        """Hold ``sample``, or say why not: it belongs to another run, or to a group already
+        trained (the caller acknowledges its entry, once that training is checkpointed)."""
         if sample.run_id != self.run_id:
             self.foreign += 1
-            return False
+            return "foreign"
+        if sample.group_id in self.trained:
+            self.duplicates += 1
+            return "trained"
         group = self._groups.setdefault(sample.group_id, _Group())
         group.entries.append(entry)
         if sample.sample_idx in group.samples:
             self.duplicates += 1
         else:
             group.samples[sample.sample_idx] = sample
-        return True
+        return "held"
 
     def complete(self) -> list[str]:
         """Ids of the complete groups, oldest first."""
@@ -50,6 +96,8 @@ class GroupAssembler:
         ]
 
     def pop(self, group_id: str) -> tuple[list[ScoredTrajectory], list[Entry]]:
-        """A complete group's samples (by index) and every stream entry that carried them."""
+        """A complete group's samples (by index) and every stream entry that carried them;
+        the group counts as trained from now on."""
         group = self._groups.pop(group_id)
+        self.trained.add(group_id)
         return [group.samples[i] for i in sorted(group.samples)], group.entries

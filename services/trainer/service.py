@@ -5,15 +5,22 @@
 Per step: make sure the prompt groups of the steps up to ``max_staleness`` ahead are
 queued on ``<prefix>:prompts`` (each carrying the last step's ``norm_entropys``); read
 ``<prefix>:scored`` until ``data.train_batch_size`` complete groups are in; run
-``hapo.learner.learner_step``; push the new weights to every rollout replica; acknowledge
-the step's entries; append one JSON line to ``run_dir/<run id>/metrics.jsonl`` and update
-the Prometheus metrics; checkpoint every ``trainer.checkpoint_every`` steps.
+``hapo.learner.learner_step``; push the new weights to every rollout replica; append one
+JSON line to ``run_dir/<run id>/metrics.jsonl`` (with the ids of the groups trained) and
+update the Prometheus metrics; checkpoint every ``trainer.checkpoint_every`` steps.
+
+Resume is exact (details in ``services.trainer.resume``): a step's scored entries are
+acknowledged only once a checkpoint covering it is renamed into place. Started again under
+the same run id (``hapo trainer trainer.run_id=<id>`` or ``POST /v1/runs``), a run loads
+its newest checkpoint, drops the metrics lines after it, pushes its weights to the rollout
+and continues to ``trainer.total_steps``; its consumer ``trainer-<id>`` re-reads its own
+pending entries first, so groups trained after the checkpoint are trained again, once.
 
 Between steps the loop honours the control API's requests (``control.RunControl``):
 pause, resume, checkpoint, stop (a stopped run checkpoints its last step). The API and the
 runs of one process live in ``services.trainer.api`` and ``services.trainer.runs``.
 
-Not yet here (see the [trainer] issue): exact resume of a killed run, Ray Train workers.
+Not yet here (see the [trainer] issue): Ray Train workers.
 """
 
 from __future__ import annotations
@@ -21,10 +28,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 import uuid
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import redis.asyncio as aioredis
 import torch
@@ -41,21 +47,15 @@ from hapo.messages import (
     ScoredTrajectory,
 )
 from hapo.runtime import setup_logging, stop_event_on_signals
-from hapo.streams import ROLLOUT_GROUP, TRAINER_GROUP, StreamConsumer, StreamNames, ensure_group
-from hapo.weight_sync import (
-    CastModuleSource,
-    GlooTrainerInitInfo,
-    GlooTrainerWeightTransferEngine,
-    RolloutWeightSyncClient,
-)
+from hapo.streams import ROLLOUT_GROUP, TRAINER_GROUP, Entry, StreamNames, ensure_group
+from services.trainer import resume
 from services.trainer.checkpoint import save_checkpoint
 from services.trainer.control import RunControl, RunState
 from services.trainer.groups import GroupAssembler
 from services.trainer.metrics import TrainerMetrics, h_hat_summary
+from services.trainer.weights import WeightPusher
 
 logger = logging.getLogger("hapo.trainer")
-
-_ROLLOUT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 class TrainerService:
@@ -82,17 +82,24 @@ class TrainerService:
         self.problems = problem_stream(config.data.train_files, config.seed)
         self.names = StreamNames(config.redis.stream_prefix)
         self.client = aioredis.from_url(config.redis.url)
-        self.consumer = StreamConsumer(
+        self.consumer = resume.ReplayingConsumer(
             self.client, self.names.scored, TRAINER_GROUP, f"trainer-{self.run_id}"
         )
-        self.groups = GroupAssembler(self.run_id)
         self.step = self.policy_version = 0
-        self.last: dict[str, float] = {}
+        self.last: dict[str, Any] = {}
         """The last step's JSONL record."""
-        self.checkpointed_step: int | None = None
-        self.norm_entropys: tuple[float, float, float, float] | None = None
-        self.groups_queued = 0
-        self.senders: dict[str, GlooTrainerWeightTransferEngine] = {}
+        self.unacked: dict[bytes, Entry] = {}
+        """Scored entries of trained groups, by id: acknowledged with the next checkpoint."""
+        self.checkpointed_step, progress = resume.load_progress(
+            self.run_dir / "checkpoints", self.model, self.optimizer, self.scheduler
+        )
+        self.resumed = self.checkpointed_step is not None
+        self.step = self.checkpointed_step or 0
+        self.policy_version = progress.policy_version
+        self.norm_entropys = progress.norm_entropys
+        self.groups_queued = progress.groups_queued
+        self.groups = GroupAssembler(self.run_id, trained=progress.trained)
+        self.weights = WeightPusher(config, self.model)
 
     def _prompt_group(self) -> PromptGroup:
         data, rollout = self.config.data, self.config.actor_rollout_ref.rollout
@@ -101,7 +108,7 @@ class TrainerService:
             [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True,
             return_dict=True,
         )["input_ids"][-data.max_prompt_length :]  # fmt: skip
-        self.groups_queued += 1
+        self.groups_queued += 1  # the ids are 1, 2, ...: resume depends on it
         return PromptGroup(
             run_id=self.run_id,
             group_id=f"{self.groups_queued:08d}",
@@ -127,10 +134,19 @@ class TrainerService:
         wanted = (step + 1 + self.config.trainer.max_staleness) * per_step
         if self.groups_queued >= wanted:
             return
-        pipe = self.client.pipeline(transaction=False)
+        pipe = self.client.pipeline()  # MULTI: the groups and their count, or nothing
         while self.groups_queued < wanted:
             pipe.xadd(self.names.prompts, self._prompt_group().encode())
+        pipe.set(resume.issued_key(self.names.prefix, self.run_id), self.groups_queued)
         await pipe.execute()
+
+    async def _fast_forward(self) -> None:
+        """Skip the problems of the groups this run already issued (per Redis or the
+        checkpoint, whichever is further): the problem stream is deterministic."""
+        issued = await self.client.get(resume.issued_key(self.names.prefix, self.run_id))
+        self.groups_queued = max(self.groups_queued, int(issued or 0))
+        for _ in range(self.groups_queued):
+            next(self.problems)
 
     async def _between_steps(self) -> bool:
         """Honour checkpoint and pause requests (parking while paused); False once the run
@@ -148,9 +164,9 @@ class TrainerService:
             control.state = RunState.PAUSED
             await control.idle(0.2)
 
-    async def _collect(self) -> tuple[list[ScoredTrajectory], list] | None:
-        """The next ``train_batch_size`` complete groups and the entries that carried them;
-        None once the run should stop."""
+    async def _collect(self) -> tuple[list[ScoredTrajectory], list[Entry], list[str]] | None:
+        """The next ``train_batch_size`` complete groups: samples, the entries that carried
+        them, and the group ids; None once the run should stop."""
         wanted = self.config.data.train_batch_size
         while len(self.groups.complete()) < wanted:
             if not await self._between_steps():
@@ -158,51 +174,24 @@ class TrainerService:
             strangers = []
             for entry in await self.consumer.read():
                 try:
-                    held = self.groups.add(entry, ScoredTrajectory.decode(entry.fields))
+                    fate = self.groups.add(entry, ScoredTrajectory.decode(entry.fields))
                 except MalformedMessage as exc:
                     logger.warning("dropping a malformed scored entry: %s", exc)
-                    held = False
-                if not held:
+                    fate = "malformed"
+                if fate == "trained":  # a copy, or back after a restart, or reclaimed
+                    self.unacked[entry.id] = entry
+                elif fate != "held":
                     strangers.append(entry)
             if strangers:
                 pipe = self.client.pipeline()
                 self.consumer.ack(pipe, strangers)
                 await pipe.execute()
-        samples, entries = [], []
-        for group_id in self.groups.complete()[:wanted]:
+        samples, entries, group_ids = [], [], self.groups.complete()[:wanted]
+        for group_id in group_ids:
             group_samples, group_entries = self.groups.pop(group_id)
             samples += [s for s in group_samples if len(s.response_ids)]
             entries += group_entries
-        return samples, entries
-
-    def _push_weights(self) -> float:
-        """Send the weights to every rollout replica; replicas that fail are skipped."""
-        trainer = self.config.trainer
-        dtype = _ROLLOUT_DTYPES.get(self.config.rollout.dtype, torch.bfloat16)
-        started = time.perf_counter()
-        for index, url in enumerate(trainer.rollout_urls):
-            try:
-                if url not in self.senders:
-                    client = RolloutWeightSyncClient(
-                        url, self._token(), timeout_s=trainer.weight_sync_timeout_s
-                    )
-                    init = GlooTrainerInitInfo(
-                        master_address=trainer.weight_sync_host,
-                        master_port=trainer.weight_sync_port + index,
-                        world_size=2, rank=0,
-                    )  # fmt: skip
-                    self.senders[url] = GlooTrainerWeightTransferEngine.trainer_init(
-                        init, client=client, source=CastModuleSource(self.model, dtype)
-                    )
-                self.senders[url].send_weights(weight_version=str(self.policy_version))
-            except Exception:  # a replica's failure must not stop the run
-                logger.exception("weight push to %s failed; skipping it this step", url)
-                self.senders.pop(url, None)
-        return time.perf_counter() - started
-
-    def _token(self) -> str | None:
-        token = self.config.api.token
-        return None if token is None else token.get_secret_value()
+        return samples, entries, group_ids
 
     async def run(self) -> None:
         """Train until ``trainer.total_steps`` or a stop request (then checkpoint)."""
@@ -211,31 +200,37 @@ class TrainerService:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         pad = self.tokenizer.pad_token_id
         pad = self.tokenizer.eos_token_id if pad is None else pad
-        metrics_file = (self.run_dir / "metrics.jsonl").open("a")
+        await self._fast_forward()
+        metrics_path = self.run_dir / "metrics.jsonl"
+        if dropped := resume.truncate_metrics(metrics_path, self.step):
+            logger.info("run %s: %d metrics lines after step %d dropped", self.run_id, dropped,
+                        self.step)  # fmt: skip
+        if self.resumed:  # the rollout may hold weights of steps that were lost
+            await asyncio.to_thread(self.weights.push, self.policy_version)
+        metrics_file = metrics_path.open("a")
         total = self.config.trainer.total_steps
-        logger.info("run %s: %d steps into %s", self.run_id, total, self.run_dir)
+        logger.info("run %s: steps %d-%d into %s", self.run_id, self.step + 1, total,
+                    self.run_dir)  # fmt: skip
         if self.control.state is RunState.PENDING:
             self.control.state = RunState.RUNNING
         try:
-            for step in range(1, total + 1):
+            for step in range(self.step + 1, total + 1):
                 if not await self._between_steps():
                     break
                 await self._queue_prompts(step - 1)
                 collected = await self._collect()
                 if collected is None:
                     break
-                samples, entries = collected
+                samples, entries, group_ids = collected
                 batch = build_batch(samples, pad)
                 result = await asyncio.to_thread(
                     learner_step, self.model, self.optimizer, self.scheduler, batch, self.config
                 )
                 self.step = self.policy_version = step
                 self.norm_entropys = tuple(result.norm_entropys)
-                sync_s = await asyncio.to_thread(self._push_weights)
-                pipe = self.client.pipeline()
-                self.consumer.ack(pipe, entries)
-                await pipe.execute()
-                self._record(samples, result, sync_s, metrics_file)
+                sync_s = await asyncio.to_thread(self.weights.push, self.policy_version)
+                self.unacked.update((entry.id, entry) for entry in entries)
+                self._record(samples, group_ids, result, sync_s, metrics_file)
                 if step % self.config.trainer.checkpoint_every == 0 or step == total:
                     await self._checkpoint()
             if self.step < total:
@@ -249,6 +244,7 @@ class TrainerService:
     def _record(
         self,
         samples: list[ScoredTrajectory],
+        group_ids: list[str],
         result: LearnerStepResult,
         sync_s: float,
         file: TextIO,
@@ -259,7 +255,7 @@ class TrainerService:
             "step": self.step, "policy_version": self.policy_version, **result.metrics,
             **h_hat_summary(result.h_hat), "perf/weight_sync_s": sync_s,
             "staleness/mean": sum(staleness) / len(staleness), "staleness/max": max(staleness),
-            "data/duplicates": self.groups.duplicates,
+            "data/duplicates": self.groups.duplicates, "data/group_ids": group_ids,
         }  # fmt: skip
         file.write(json.dumps(line) + "\n")
         file.flush()
@@ -271,19 +267,23 @@ class TrainerService:
         )  # fmt: skip
 
     async def _checkpoint(self) -> None:
-        """Save the state after the last completed step."""
+        """Save the state after the last completed step, then acknowledge the scored
+        entries of the steps it covers."""
         if self.checkpointed_step == self.step:
             return
-        await asyncio.to_thread(self._save_checkpoint, self.step)
-        self.checkpointed_step = self.step
-
-    def _save_checkpoint(self, step: int) -> None:
-        save_checkpoint(
-            self.run_dir / "checkpoints", step, self.model, self.optimizer, self.scheduler,
-            keep_last=self.config.trainer.checkpoint_keep_last,
-            extra={"policy_version": self.policy_version, "groups_queued": self.groups_queued,
-                   "norm_entropys": self.norm_entropys},
+        progress = resume.Progress(
+            self.policy_version, self.groups_queued, self.norm_entropys, self.groups.trained
+        )
+        await asyncio.to_thread(
+            save_checkpoint, self.run_dir / "checkpoints", self.step, self.model,
+            self.optimizer, self.scheduler, keep_last=self.config.trainer.checkpoint_keep_last,
+            extra=progress.to_json(),
         )  # fmt: skip
+        self.checkpointed_step = self.step
+        pipe = self.client.pipeline()
+        self.consumer.ack(pipe, list(self.unacked.values()))
+        await pipe.execute()
+        self.unacked = {}
 
 
 def run(config: HapoConfig) -> None:

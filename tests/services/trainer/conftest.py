@@ -106,13 +106,16 @@ def trainer_api(
 
 class ScoredFeeder:
     """Answers each prompt group on ``<prefix>:prompts`` with ``n`` scored samples of random
-    tokens (rewards alternate 0/1): the trainer's real input, without vLLM."""
+    tokens (rewards alternate 0/1; the tokens depend only on the group id): the trainer's
+    real input, without vLLM. Groups numbered above ``limit`` are held back until it is
+    raised (None: no limit)."""
 
-    def __init__(self, url: str, names: StreamNames) -> None:
+    def __init__(self, url: str, names: StreamNames, limit: int | None = None) -> None:
         self.client = redis.Redis.from_url(url)
         self.names = names
+        self.limit = limit
         self.running = True
-        self.rng = np.random.default_rng(0)
+        self._held: list[PromptGroup] = []
         self._thread = threading.Thread(target=self._main, daemon=True)
         self._thread.start()
 
@@ -122,16 +125,23 @@ class ScoredFeeder:
             for _, entries in self.client.xread({self.names.prompts: last}, block=100) or []:
                 for entry_id, fields in entries:
                     last = entry_id
-                    self._answer(PromptGroup.decode(fields))
+                    self._held.append(PromptGroup.decode(fields))
+            limit, held, self._held = self.limit, self._held, []
+            for group in held:
+                if limit is not None and int(group.group_id) > limit:
+                    self._held.append(group)
+                else:
+                    self._answer(group)
 
     def _answer(self, group: PromptGroup) -> None:
+        rng = np.random.default_rng(int(group.group_id))
         pipe = self.client.pipeline()
         for index in range(group.n):
-            length = int(self.rng.integers(2, group.sampling.max_tokens + 1))
+            length = int(rng.integers(2, group.sampling.max_tokens + 1))
             sample = ScoredTrajectory(
                 run_id=group.run_id, group_id=group.group_id, sample_idx=index, n=group.n,
                 policy_version=group.policy_version, policy_version_end=group.policy_version,
-                prompt_ids=group.prompt_ids, response_ids=self.rng.integers(3, 1000, length),
+                prompt_ids=group.prompt_ids, response_ids=rng.integers(3, 1000, length),
                 logprobs=np.full(length, -2.0), finish_reason="length", answer=group.answer,
                 reward=float(index % 2), reward_reason="correct" if index % 2 else "wrong",
             )  # fmt: skip

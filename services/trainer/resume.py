@@ -1,0 +1,139 @@
+"""What a trainer needs to resume a run exactly after a crash or a SIGKILL.
+
+- The newest checkpoint (``checkpoint.latest_checkpoint``) holds model, optimizer,
+  scheduler, RNG states, the step, and a progress record (``Progress``: policy version,
+  data cursor, ``norm_entropys``, the groups trained so far in compact form).
+- Scored entries of trained groups are acknowledged only right after a checkpoint covering
+  the step that trained them is renamed into place. The entries of steps lost with the
+  process stay pending for the run's consumer ``trainer-<run id>`` and come back first
+  after the restart (``ReplayingConsumer``): those groups are trained again, once. An entry
+  of a group the checkpoint already counts as trained (the process died between the rename
+  and the acknowledgement; a duplicate; its own entry reclaimed by ``XAUTOCLAIM``) is
+  refused and acknowledged with the next checkpoint.
+- Prompt groups get ids ``f"{n:08d}"`` for n = 1, 2, ...; the count issued is kept in
+  Redis (``issued_key``) in the same ``MULTI`` as the ``XADD`` s, and the deterministic
+  problem stream is fast-forwarded past it, so a restart neither issues a group twice nor
+  skips one, even when groups were issued after the last checkpoint (they are still on
+  their way through rollout and reward).
+- ``metrics.jsonl`` loses the lines of the steps after the checkpoint; they are trained and
+  logged again, each line naming its groups (``data/group_ids``).
+
+Limit: the trainer consumer group is shared by runs; a different run reading while this
+one is down acknowledges this run's entries as foreign, so resume stays exact only if the
+killed run is restarted before another run starts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hapo.streams import Entry, StreamConsumer
+from services.trainer.checkpoint import latest_checkpoint, load_checkpoint
+from services.trainer.groups import TrainedGroups
+
+logger = logging.getLogger("hapo.trainer")
+
+
+@dataclass
+class ReplayingConsumer(StreamConsumer):
+    """A ``StreamConsumer`` whose replay of its own pending entries pages forward: the
+    trainer keeps entries pending across many reads (until a checkpoint), so re-reading
+    from ``0`` would return the same entries again and again."""
+
+    _own_cursor: str = field(default="0", init=False)
+
+    async def read(self) -> list[Entry]:
+        if self._replaying_own:
+            own = await self._read_group(self._own_cursor, block_ms=None)
+            if own:
+                self._own_cursor = own[-1].id.decode()
+                return own
+            self._replaying_own = False
+        return await super().read()
+
+    def recover(self) -> None:
+        super().recover()
+        self._own_cursor = "0"
+
+
+def issued_key(prefix: str, run_id: str) -> str:
+    """Redis key holding how many prompt groups run ``run_id`` has issued."""
+    return f"{prefix}:trainer:{run_id}:groups_queued"
+
+
+@dataclass
+class Progress:
+    """A checkpoint's ``extra`` record."""
+
+    policy_version: int = 0
+    groups_queued: int = 0
+    """Prompt groups issued when the checkpoint was taken (the data cursor)."""
+    norm_entropys: tuple[float, float, float, float] | None = None
+    trained: TrainedGroups = field(default_factory=TrainedGroups)
+    """Groups trained up to the checkpoint: a sample of one of them that comes back (its
+    entry not yet acknowledged when the process died) is dropped."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "policy_version": self.policy_version, "groups_queued": self.groups_queued,
+            "norm_entropys": self.norm_entropys, "trained_groups": self.trained.to_json(),
+        }  # fmt: skip
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> Progress:
+        entropys = record.get("norm_entropys")
+        trained = record.get("trained_groups")
+        return cls(
+            policy_version=record["policy_version"],
+            groups_queued=record["groups_queued"],
+            norm_entropys=None if entropys is None else tuple(entropys),
+            trained=TrainedGroups() if trained is None else TrainedGroups.from_json(trained),
+        )
+
+
+def load_progress(
+    directory: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> tuple[int | None, Progress]:
+    """Load the newest checkpoint in ``directory`` into the model, optimizer, scheduler and
+    RNGs; returns its step and progress record (``None`` and a fresh record if none)."""
+    checkpoint = latest_checkpoint(directory)
+    if checkpoint is None:
+        return None, Progress()
+    meta = load_checkpoint(checkpoint, model, optimizer, scheduler)
+    logger.info("resuming from %s", checkpoint)
+    return meta.step, Progress.from_json(meta.extra)
+
+
+def truncate_metrics(path: Path, step: int) -> int:
+    """Drop the lines of steps after ``step`` from the JSONL file at ``path`` (steps whose
+    training was lost: they are trained and logged again); returns how many were dropped.
+    A line cut short by the kill is dropped too. Atomic: the file is rewritten under a
+    temporary name and renamed."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line.rstrip("\n") + "\n" for line in lines if _step_of(line) <= step]
+    if kept == lines:
+        return 0
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+    return len(lines) - len(kept)
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
