@@ -85,6 +85,7 @@ class StreamConsumer:
     block_ms: int = 1000
     reclaim_idle_ms: int = 30_000
     _replaying_own: bool = field(default=True, init=False)
+    _own_cursor: str = field(default="0", init=False)
     _claim_cursor: str = field(default="0-0", init=False)
     _next_claim_at: float = field(default=0.0, init=False)
 
@@ -93,22 +94,30 @@ class StreamConsumer:
 
     async def read(self) -> list[Entry]:
         """The next batch (possibly empty after ``block_ms``)."""
-        if self._replaying_own:
-            own = await self._read_group("0", block_ms=None)
+        while self._replaying_own:
+            # Page forward through our own pending entries: a caller may keep them pending
+            # across reads (the trainer does, until a checkpoint), so re-reading from "0"
+            # would return the same page forever.
+            raw = await self._read_raw(self._own_cursor, block_ms=None)
+            if not raw:
+                self._replaying_own = False
+                break
+            self._own_cursor = raw[-1][0].decode()
+            own = await self._present(raw)
             if own:
                 return own
-            self._replaying_own = False
         claimed = await self._reclaim()
         if claimed:
             return claimed
-        return await self._read_group(">", block_ms=self.block_ms)
+        return await self._present(await self._read_raw(">", block_ms=self.block_ms))
 
     def recover(self) -> None:
         """After a failed batch (e.g. Redis went away): re-read this consumer's own pending
         entries before anything new."""
         self._replaying_own = True
+        self._own_cursor = "0"
 
-    async def _read_group(self, start: str, block_ms: int | None) -> list[Entry]:
+    async def _read_raw(self, start: str, block_ms: int | None) -> list[tuple[bytes, dict]]:
         try:
             response = await self.client.xreadgroup(
                 self.group, self.consumer, {self.stream: start}, count=self.batch_size,
@@ -119,15 +128,15 @@ class StreamConsumer:
                 raise
             await ensure_group(self.client, self.stream, self.group)  # the stream was deleted
             return []
-        if not response:
-            return []
-        _, entries = response[0]
-        # An entry trimmed while pending comes back without fields: nothing is left to
-        # process, so only its pending record is cleared.
-        gone = [entry_id for entry_id, fields in entries if not fields]
+        return response[0][1] if response else []
+
+    async def _present(self, raw: list[tuple[bytes, dict]]) -> list[Entry]:
+        """The entries that still have their fields. One trimmed while pending comes back
+        without them: nothing is left to process, so only its pending record is cleared."""
+        gone = [entry_id for entry_id, fields in raw if not fields]
         if gone:
             await self.client.xack(self.stream, self.group, *gone)
-        return [Entry(entry_id, fields) for entry_id, fields in entries if fields]
+        return [Entry(entry_id, fields) for entry_id, fields in raw if fields]
 
     async def _reclaim(self) -> list[Entry]:
         now = time.monotonic()

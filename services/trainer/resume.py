@@ -6,10 +6,11 @@
 - Scored entries of trained groups are acknowledged only right after a checkpoint covering
   the step that trained them is renamed into place. The entries of steps lost with the
   process stay pending for the run's consumer ``trainer-<run id>`` and come back first
-  after the restart (``ReplayingConsumer``): those groups are trained again, once. An entry
-  of a group the checkpoint already counts as trained (the process died between the rename
-  and the acknowledgement; a duplicate; its own entry reclaimed by ``XAUTOCLAIM``) is
-  refused and acknowledged with the next checkpoint.
+  after the restart (a ``StreamConsumer`` replays its own pending entries first): those
+  groups are trained again, once. An entry of a group the checkpoint already counts as
+  trained (the process died between the rename and the acknowledgement; a duplicate; its
+  own entry reclaimed by ``XAUTOCLAIM``) is refused and acknowledged with the next
+  checkpoint.
 - Prompt groups get ids ``f"{n:08d}"`` for n = 1, 2, ...; the count issued is kept in
   Redis (``issued_key``) in the same ``MULTI`` as the ``XADD`` s, and the deterministic
   problem stream is fast-forwarded past it, so a restart neither issues a group twice nor
@@ -35,33 +36,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from hapo.streams import Entry, StreamConsumer
 from services.trainer.checkpoint import latest_checkpoint, load_checkpoint
 from services.trainer.groups import TrainedGroups
 
 logger = logging.getLogger("hapo.trainer")
-
-
-@dataclass
-class ReplayingConsumer(StreamConsumer):
-    """A ``StreamConsumer`` whose replay of its own pending entries pages forward: the
-    trainer keeps entries pending across many reads (until a checkpoint), so re-reading
-    from ``0`` would return the same entries again and again."""
-
-    _own_cursor: str = field(default="0", init=False)
-
-    async def read(self) -> list[Entry]:
-        if self._replaying_own:
-            own = await self._read_group(self._own_cursor, block_ms=None)
-            if own:
-                self._own_cursor = own[-1].id.decode()
-                return own
-            self._replaying_own = False
-        return await super().read()
-
-    def recover(self) -> None:
-        super().recover()
-        self._own_cursor = "0"
 
 
 def issued_key(prefix: str, run_id: str) -> str:

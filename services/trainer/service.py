@@ -47,7 +47,14 @@ from hapo.messages import (
     ScoredTrajectory,
 )
 from hapo.runtime import setup_logging, stop_event_on_signals
-from hapo.streams import ROLLOUT_GROUP, TRAINER_GROUP, Entry, StreamNames, ensure_group
+from hapo.streams import (
+    ROLLOUT_GROUP,
+    TRAINER_GROUP,
+    Entry,
+    StreamConsumer,
+    StreamNames,
+    ensure_group,
+)
 from services.trainer import resume
 from services.trainer.checkpoint import save_checkpoint
 from services.trainer.control import RunControl, RunState
@@ -82,7 +89,7 @@ class TrainerService:
         self.problems = problem_stream(config.data.train_files, config.seed)
         self.names = StreamNames(config.redis.stream_prefix)
         self.client = aioredis.from_url(config.redis.url)
-        self.consumer = resume.ReplayingConsumer(
+        self.consumer = StreamConsumer(
             self.client, self.names.scored, TRAINER_GROUP, f"trainer-{self.run_id}"
         )
         self.step = self.policy_version = 0
