@@ -393,6 +393,7 @@ def accumulate_gradients(
     targets: StepTargets,
     config: HapoConfig,
     means: MetricMeans | None = None,
+    global_num_tokens: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """Backward the HAPO loss of one mini-batch, micro-batch by micro-batch, into ``.grad``.
 
@@ -400,12 +401,17 @@ def accumulate_gradients(
     accumulated gradient is that of the mini-batch's token-mean loss whatever the
     micro-batch size (with ``reference_micro_batch_h_hat`` off).
 
+    ``global_num_tokens`` overrides that count: a data-parallel rank holding one shard of a
+    mini-batch passes the whole mini-batch's count, so that the ranks' gradients *sum* to
+    the mini-batch's token-mean gradient (``services/trainer/ray_learner.py``).
+
     Returns:
         The mini-batch's loss (a detached scalar), the sum of its micro-batches' losses.
     """
     actor, algorithm = config.actor_rollout_ref.actor, config.algorithm
     current_entropy = actor.adaptive_clip or actor.adaptive_advantage
-    global_num_tokens = mini_batch.response_mask.sum()
+    if global_num_tokens is None:
+        global_num_tokens = mini_batch.response_mask.sum()
     micro = actor.ppo_micro_batch_size_per_gpu
     total_loss = torch.zeros(())
     for start in range(0, mini_batch.size, micro):
