@@ -1,0 +1,231 @@
+"""The data-parallel learner under Ray Train gives the local learner's update.
+
+A tiny random Llama, 2 groups x 4 samples of varied lengths and rewards, every adaptive
+HAPO switch on, SGD (update = -lr x gradient, so the comparison measures gradients and
+not Adam's sign-like first step). Two mini-batches of one group each, micro-batches of one
+sample, two training steps: 2 Ray workers (gloo) vs one local ``learner_step``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hapo.algorithm import compute_norm_entropys, entropy_h_hat, log_entropy
+from hapo.config import HapoConfig, load_config
+from hapo.learner import (
+    StepTargets,
+    TrainingBatch,
+    accumulate_gradients,
+    build_batch,
+    compute_advantages,
+    learner_step,
+    old_log_probs_and_entropy,
+)
+from hapo.messages import ScoredTrajectory
+from services.trainer.ray_learner import check_shardable, run_ray_learner_steps, shard_rows
+
+VOCAB, PAD, LR = 128, 0, 0.1
+# (prompt length, response length, reward) of two groups of four samples.
+SAMPLES = [
+    [(4, 6, 1.0), (4, 10, 0.0), (4, 3, 1.0), (4, 9, 0.0)],
+    [(6, 5, 0.0), (6, 12, 1.0), (6, 7, 1.0), (6, 2, 0.0)],
+]
+# The two runs' parameters agree to fp32 rounding of reordered sums, compounded over four
+# SGD updates: per tensor, |ray - local| <= RTOL x |local| + UPDATE_RTOL x (the tensor's
+# largest update). Measured: at most 6e-5 of the largest update on the matrices; norm
+# weights (values ~1) differ by 1-2 ulp of 1.0 (1.2e-7), which RTOL covers.
+RTOL, UPDATE_RTOL = 1e-5, 1e-4
+
+
+def _model() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, tie_word_embeddings=True,
+        pad_token_id=PAD,
+    )  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+def _batch() -> TrainingBatch:
+    rng = np.random.default_rng(3)
+    trajectories = []
+    for group, samples in enumerate(SAMPLES):
+        prompt = rng.integers(1, VOCAB, samples[0][0])
+        for index, (_, length, reward) in enumerate(samples):
+            trajectories.append(
+                ScoredTrajectory(
+                    run_id="run",
+                    group_id=f"g{group}",
+                    sample_idx=index,
+                    n=len(samples),
+                    policy_version=0,
+                    policy_version_end=0,
+                    prompt_ids=prompt,
+                    response_ids=rng.integers(1, VOCAB, length),
+                    logprobs=np.zeros(length),
+                    finish_reason="stop",
+                    answer="1",
+                    reward=reward,
+                    reward_reason="test",
+                )
+            )
+    return build_batch(trajectories, PAD)
+
+
+def _config() -> HapoConfig:
+    return load_config(
+        overrides=[
+            "actor_rollout_ref.rollout.n=4",
+            "data.train_batch_size=2",
+            "actor_rollout_ref.actor.ppo_mini_batch_size=1",  # 2 mini-batches of one group
+            "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=1",
+            "actor_rollout_ref.actor.adaptive_clip=true",
+            "actor_rollout_ref.actor.adaptive_advantage=true",
+            "actor_rollout_ref.actor.grad_clip=1e9",
+            "algorithm.adv_estimator=hapo",
+            # One response row (R = 12) per logits chunk: a shard's chunks then hold the same
+            # rows as the whole batch's, so the old log-probs agree bit for bit (with 7, rows
+            # land in chunks of other sizes and differ by fp32 rounding).
+            "trainer.logits_chunk_size=12",
+        ],
+        environ={},
+    )
+
+
+def _local_steps(model, batch, config, steps):
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    return [learner_step(model, optimizer, scheduler, batch, config) for _ in range(steps)]
+
+
+def _gradient(model, batch, config, normalise_globally: bool) -> dict[str, torch.Tensor]:
+    """What two data-parallel ranks produce on the first mini-batch, in one process: each
+    shard's gradient with the loss over the mini-batch's (global) token count, summed; or
+    over the shard's own count, averaged (DDP on a per-rank token-mean: the wrong maths)."""
+    old_log_prob, entropy = old_log_probs_and_entropy(model, batch, batch.size)
+    norm = compute_norm_entropys(entropy, batch.response_mask)
+    targets = StepTargets(
+        old_log_prob=old_log_prob
+        - 0.3 * (torch.arange(old_log_prob.numel()) % 3 == 0).view_as(old_log_prob),
+        advantages=compute_advantages(batch, config.algorithm),
+        norm_entropys=norm,
+        old_h_hat=entropy_h_hat(log_entropy(entropy), norm),
+    )
+    mini = slice(0, 4)
+    total: dict[str, torch.Tensor] = {}
+    for rank in range(2):
+        rows = shard_rows(0, 4, rank, 2)
+        model.zero_grad(set_to_none=True)
+        tokens = batch.response_mask[mini].sum() if normalise_globally else None
+        accumulate_gradients(
+            model, batch.select(rows), targets.select(rows), config, global_num_tokens=tokens
+        )
+        for name, p in model.named_parameters():
+            share = p.grad if normalise_globally else p.grad / 2
+            total[name] = total.get(name, 0) + share
+    model.zero_grad(set_to_none=True)
+    accumulate_gradients(model, batch.select(mini), targets.select(mini), config)
+    whole = {name: p.grad.clone() for name, p in model.named_parameters()}
+    return {name: total[name] - whole[name] for name in whole}
+
+
+def test_sharded_gradients_need_the_global_token_count() -> None:
+    """The maths the Ray workers do, without Ray: shards normalised by the mini-batch's
+    token count sum to its gradient; per-shard token-means (averaged) do not."""
+    model, batch, config = _model(), _batch(), _config()
+    right = _gradient(model, batch, config, normalise_globally=True)
+    wrong = _gradient(model, batch, config, normalise_globally=False)
+    assert max(d.abs().max().item() for d in right.values()) < 1e-6
+    assert max(d.abs().max().item() for d in wrong.values()) > 1e-3
+
+
+def test_uneven_shards_are_refused() -> None:
+    with pytest.raises(ValueError, match="split evenly"):
+        check_shardable(8, _config(), 3)
+
+
+def _processes_of(session_dir: str) -> list[str]:
+    """PIDs of this user's processes whose command line names the Ray session directory."""
+    found = subprocess.run(
+        ["pgrep", "-u", str(os.getuid()), "-f", session_dir], capture_output=True, text=True
+    )
+    return found.stdout.split()
+
+
+@pytest.fixture
+def ray_cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A 2-CPU local Ray, shut down after, with none of its processes left behind."""
+    import ray
+
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    session_dir = context.address_info["session_dir"]
+    assert _processes_of(session_dir)  # the raylet and GCS name it: the check below can fail
+    try:
+        yield
+    finally:
+        ray.shutdown()
+    deadline = time.monotonic() + 20
+    while _processes_of(session_dir) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _processes_of(session_dir), "Ray processes left behind"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_ray_workers_give_the_local_update(ray_cluster: None) -> None:
+    batch, config, steps = _batch(), _config(), 2
+    check_shardable(batch.size, config, 2)
+    start_model = _model()
+    before = {name: p.detach().clone() for name, p in start_model.named_parameters()}
+
+    out = run_ray_learner_steps(
+        start_model,
+        [batch] * steps,
+        config,
+        num_workers=2,
+        optimizer_factory=functools.partial(torch.optim.SGD, lr=LR),
+    )
+    local_model = _model()
+    local = _local_steps(local_model, batch, config, steps)
+
+    distributed, ratios = out.state_dict, {}
+    for name, p in local_model.named_parameters():
+        update = (p.detach() - before[name]).abs().max().item()
+        ratios[name] = (distributed[name] - p.detach()).abs().max().item() / update
+        torch.testing.assert_close(
+            distributed[name], p.detach(), rtol=RTOL, atol=UPDATE_RTOL * update,
+            msg=lambda m, n=name: f"{n}: {m}",
+        )  # fmt: skip
+    matrices = max(r for n, r in ratios.items() if "norm" not in n)
+    print(f"|ray - local| / largest update: {matrices:.3g} (matrices), {max(ratios.values()):.3g}")
+    moved = max((distributed[n] - before[n]).abs().max().item() for n in before)
+    assert moved > 1e-2  # SGD moved the weights by far more than the tolerance
+    assert all(p.equal(before[n]) for n, p in start_model.named_parameters())
+
+    assert len(out.results) == steps
+    # Step 1 starts from the same weights: its statistics agree to rounding. Step 2 starts
+    # from weights that differ by the tolerance above, and a random model's log-entropies
+    # are all within ~1e-3 of log(128) (std 7e-4), so h_hat = (log H - pivot) / std
+    # magnifies those differences ~1000-fold.
+    for step, h_hat_atol in ((0, 1e-5), (1, 1e-3)):
+        ray_result, local_result = out.results[step], local[step]
+        assert ray_result.norm_entropys == pytest.approx(local_result.norm_entropys, rel=1e-4)
+        torch.testing.assert_close(ray_result.h_hat, local_result.h_hat, atol=h_hat_atol, rtol=0)
+        for name in ("loss/policy_loss", "loss/grad_norm", "loss/clipfrac", "reward/mean"):
+            value, expected = ray_result.metrics[name], local_result.metrics[name]
+            # abs: the policy loss is a token-mean of terms ~1 that cancel to ~5e-3.
+            assert value == pytest.approx(expected, rel=1e-4, abs=1e-5), (step, name)
+    assert out.results[0].metrics["loss/approx_kl"] > 0  # mini-batch 2 saw moved weights
+    assert out.optimizer_state["param_groups"][0]["lr"] == LR
