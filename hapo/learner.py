@@ -363,6 +363,26 @@ class StepTargets:
         )
 
 
+def step_targets(
+    batch: TrainingBatch, old_log_prob: torch.Tensor, entropy: torch.Tensor, config: HapoConfig
+) -> StepTargets:
+    """A step's targets from the whole batch's start-of-step log-probs and entropies
+    ``[B, R]``: ``norm_entropys`` (DESIGN.md decision 1), advantages and ``h_hat``."""
+    actor, algorithm = config.actor_rollout_ref.actor, config.algorithm
+    norm_entropys = compute_norm_entropys(
+        entropy,
+        batch.response_mask,
+        actor.entropy_pivot,
+        reference_scale_neg_sign=algorithm.reference_scale_neg_sign,
+    )
+    return StepTargets(
+        old_log_prob=old_log_prob,
+        advantages=compute_advantages(batch, algorithm),
+        norm_entropys=norm_entropys,
+        old_h_hat=entropy_h_hat(log_entropy(entropy), norm_entropys),
+    )
+
+
 class MetricMeans:
     """Weighted means of scalar metric tensors, read out once (one device sync at the end)."""
 
@@ -531,7 +551,7 @@ def learner_step(
     ``loss/skipped_updates``). The scheduler steps once per call.
     """
     start = time.perf_counter()
-    actor, algorithm = config.actor_rollout_ref.actor, config.algorithm
+    actor = config.actor_rollout_ref.actor
     old_log_prob, entropy = old_log_probs_and_entropy(
         model,
         batch,
@@ -539,19 +559,8 @@ def learner_step(
         temperature=_temperature(config),
         chunk_size=config.trainer.logits_chunk_size,
     )
-    norm_entropys = compute_norm_entropys(
-        entropy,
-        batch.response_mask,
-        actor.entropy_pivot,
-        reference_scale_neg_sign=algorithm.reference_scale_neg_sign,
-    )
-    advantages = compute_advantages(batch, algorithm)
-    targets = StepTargets(
-        old_log_prob=old_log_prob,
-        advantages=advantages,
-        norm_entropys=norm_entropys,
-        old_h_hat=entropy_h_hat(log_entropy(entropy), norm_entropys),
-    )
+    targets = step_targets(batch, old_log_prob, entropy, config)
+    norm_entropys, advantages = targets.norm_entropys, targets.advantages
     old_pass_s = time.perf_counter() - start
 
     means = MetricMeans()

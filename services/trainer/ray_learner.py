@@ -54,19 +54,17 @@ import torch.distributed as dist
 from ray.train.torch import TorchTrainer
 from torch import nn
 
-from hapo.algorithm import compute_norm_entropys, entropy_h_hat, log_entropy
 from hapo.config import HapoConfig
 from hapo.learner import (
     LearnerStepResult,
     MetricMeans,
-    StepTargets,
     TrainingBatch,
     _batch_metrics,
     _temperature,
     accumulate_gradients,
-    compute_advantages,
     make_optimizer,
     old_log_probs_and_entropy,
+    step_targets,
 )
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -158,7 +156,7 @@ def data_parallel_learner_step(
     """
     check_shardable(batch.size, config, world_size)
     start = time.perf_counter()
-    actor, algorithm = config.actor_rollout_ref.actor, config.algorithm
+    actor = config.actor_rollout_ref.actor
     own = batch.select(shard_rows(0, batch.size, rank, world_size))
     old_log_prob, entropy = old_log_probs_and_entropy(
         model,
@@ -169,19 +167,8 @@ def data_parallel_learner_step(
     )
     old_log_prob = _all_gather_rows(old_log_prob, world_size)
     entropy = _all_gather_rows(entropy, world_size)
-    norm_entropys = compute_norm_entropys(
-        entropy,
-        batch.response_mask,
-        actor.entropy_pivot,
-        reference_scale_neg_sign=algorithm.reference_scale_neg_sign,
-    )
-    advantages = compute_advantages(batch, algorithm)
-    targets = StepTargets(
-        old_log_prob=old_log_prob,
-        advantages=advantages,
-        norm_entropys=norm_entropys,
-        old_h_hat=entropy_h_hat(log_entropy(entropy), norm_entropys),
-    )
+    targets = step_targets(batch, old_log_prob, entropy, config)
+    norm_entropys, advantages = targets.norm_entropys, targets.advantages
     old_pass_s = time.perf_counter() - start
 
     means = MetricMeans()
