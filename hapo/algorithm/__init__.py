@@ -42,6 +42,7 @@ from hapo.algorithm.advantage import (
     group_ids,
 )
 from hapo.algorithm.entropy import chunk_logits, entropy_from_logits_chunked, token_entropy
+from hapo.algorithm.logprob import taken_log_probs_chunked
 from hapo.algorithm.loss import ada_advantage, ada_clip, hapo_policy_loss
 from hapo.algorithm.temperature import (
     NormEntropys,
@@ -66,5 +67,6 @@ __all__ = [
     "group_ids",
     "hapo_policy_loss",
     "log_entropy",
+    "taken_log_probs_chunked",
     "token_entropy",
 ]

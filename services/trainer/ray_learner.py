@@ -59,11 +59,12 @@ from hapo.learner import (
     LearnerStepResult,
     MetricMeans,
     TrainingBatch,
-    _batch_metrics,
     _temperature,
     accumulate_gradients,
+    clipped_optimizer_step,
     make_optimizer,
     old_log_probs_and_entropy,
+    step_result,
     step_targets,
 )
 
@@ -168,7 +169,6 @@ def data_parallel_learner_step(
     old_log_prob = _all_gather_rows(old_log_prob, world_size)
     entropy = _all_gather_rows(entropy, world_size)
     targets = step_targets(batch, old_log_prob, entropy, config)
-    norm_entropys, advantages = targets.norm_entropys, targets.advantages
     old_pass_s = time.perf_counter() - start
 
     means = MetricMeans()
@@ -191,34 +191,14 @@ def data_parallel_learner_step(
             )
             _all_reduce_gradients(model)
             dist.all_reduce(loss, op=dist.ReduceOp.SUM)
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), actor.grad_clip)
-            if torch.isfinite(grad_norm):
-                optimizer.step()
-            else:
-                skipped += 1
-            one = torch.ones(())
-            # Added on every rank; the weights sum to world_size like the values.
-            means.add("loss/policy_loss", loss, one)
-            means.add("loss/grad_norm", grad_norm.cpu(), one)
+            # Recorded on every rank; the weights sum to world_size like the values.
+            skipped += not clipped_optimizer_step(model, optimizer, actor.grad_clip, loss, means)
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
     _all_reduce_means(means)
-
-    step_s = time.perf_counter() - start
-    metrics = {
-        **means.means(),
-        "loss/lr": lr,
-        "loss/skipped_updates": float(skipped),
-        **_batch_metrics(batch, advantages, entropy),
-        **{f"entropy/{name}": float(value) for name, value in norm_entropys._asdict().items()},
-        "perf/step_s": step_s,
-        "perf/old_log_prob_s": old_pass_s,
-        "perf/tokens_per_s": batch.attention_mask.sum().item() / step_s,
-        "perf/samples": float(batch.size),
-        "perf/data_parallel_ranks": float(world_size),
-    }
-    h_hat = targets.old_h_hat.masked_select(batch.response_mask.bool()).detach().cpu()
-    return LearnerStepResult(metrics, norm_entropys, h_hat)
+    result = step_result(batch, targets, entropy, means, lr, skipped, start, old_pass_s)
+    result.metrics["perf/data_parallel_ranks"] = float(world_size)
+    return result
 
 
 def _check_replicas_equal(model: nn.Module, world_size: int) -> None:

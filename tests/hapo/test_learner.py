@@ -14,7 +14,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hapo.algorithm import compute_norm_entropys, entropy_h_hat, hapo_policy_loss, log_entropy
+from hapo.algorithm import (
+    compute_norm_entropys,
+    entropy_h_hat,
+    hapo_policy_loss,
+    log_entropy,
+    taken_log_probs_chunked,
+)
 from hapo.algorithm import token_entropy as reference_entropy
 from hapo.config import HapoConfig, load_config
 from hapo.learner import (
@@ -27,9 +33,9 @@ from hapo.learner import (
     make_optimizer,
     old_log_probs_and_entropy,
     policy_log_probs,
-    taken_log_probs_chunked,
 )
 from hapo.messages import ScoredTrajectory
+from tests.helpers import scored_trajectories
 
 VOCAB, PAD = 128, 0
 # (prompt length, response length, reward) of two groups of four samples.
@@ -51,29 +57,7 @@ def model() -> LlamaForCausalLM:
 
 
 def _trajectories() -> list[ScoredTrajectory]:
-    rng = np.random.default_rng(0)
-    trajectories = []
-    for group, samples in enumerate(SAMPLES):
-        prompt = rng.integers(1, VOCAB, samples[0][0])
-        for index, (_, length, reward) in enumerate(samples):
-            trajectories.append(
-                ScoredTrajectory(
-                    run_id="run",
-                    group_id=f"g{group}",
-                    sample_idx=index,
-                    n=len(samples),
-                    policy_version=0,
-                    policy_version_end=0,
-                    prompt_ids=prompt,
-                    response_ids=rng.integers(1, VOCAB, length),
-                    logprobs=np.zeros(length),
-                    finish_reason="stop",
-                    answer="1",
-                    reward=reward,
-                    reward_reason="test",
-                )
-            )
-    return trajectories
+    return scored_trajectories(SAMPLES, VOCAB, seed=0)
 
 
 @pytest.fixture

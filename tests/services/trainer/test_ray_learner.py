@@ -14,7 +14,6 @@ import subprocess
 import time
 from collections.abc import Iterator
 
-import numpy as np
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -30,8 +29,8 @@ from hapo.learner import (
     learner_step,
     old_log_probs_and_entropy,
 )
-from hapo.messages import ScoredTrajectory
 from services.trainer.ray_learner import check_shardable, run_ray_learner_steps, shard_rows
+from tests.helpers import scored_trajectories
 
 VOCAB, PAD, LR = 128, 0, 0.1
 # (prompt length, response length, reward) of two groups of four samples.
@@ -57,29 +56,7 @@ def _model() -> LlamaForCausalLM:
 
 
 def _batch() -> TrainingBatch:
-    rng = np.random.default_rng(3)
-    trajectories = []
-    for group, samples in enumerate(SAMPLES):
-        prompt = rng.integers(1, VOCAB, samples[0][0])
-        for index, (_, length, reward) in enumerate(samples):
-            trajectories.append(
-                ScoredTrajectory(
-                    run_id="run",
-                    group_id=f"g{group}",
-                    sample_idx=index,
-                    n=len(samples),
-                    policy_version=0,
-                    policy_version_end=0,
-                    prompt_ids=prompt,
-                    response_ids=rng.integers(1, VOCAB, length),
-                    logprobs=np.zeros(length),
-                    finish_reason="stop",
-                    answer="1",
-                    reward=reward,
-                    reward_reason="test",
-                )
-            )
-    return build_batch(trajectories, PAD)
+    return build_batch(scored_trajectories(SAMPLES, VOCAB, seed=3), PAD)
 
 
 def _config() -> HapoConfig:
