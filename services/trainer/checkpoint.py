@@ -1,8 +1,11 @@
 """Trainer checkpoints: model, optimizer, scheduler, RNG states and progress, atomically.
 
-A checkpoint is a folder ``<directory>/step_<step:08d>/`` holding
+A checkpoint is a folder ``<directory>/step_<step:08d>/`` that is also a Hugging Face model
+folder (vLLM, transformers and ``hapo eval`` load it as it is), holding
 
-- ``model.safetensors``: the weights (tied tensors stored once, as safetensors does),
+- ``config.json``, ``generation_config.json``, ``model.safetensors``: the model as
+  ``save_pretrained`` writes it (one file, tied tensors stored once),
+- the tokenizer's files, when the caller passes the tokenizer,
 - ``trainer_state.pt``: optimizer, scheduler and RNG states (loaded with
   ``weights_only=True``: a checkpoint cannot run code),
 - ``meta.json``: the step and the caller's progress record (``extra``: data cursor, policy
@@ -29,8 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from safetensors.torch import load_model, save_model
-from torch import nn
+from safetensors.torch import load_model
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 _PREFIX = "step_"
 _TMP_PREFIX = ".tmp-"
@@ -100,12 +103,13 @@ def latest_checkpoint(directory: Path) -> Path | None:
 def save_checkpoint(
     directory: Path,
     step: int,
-    model: nn.Module,
+    model: PreTrainedModel,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     *,
     keep_last: int,
     extra: Mapping[str, Any] | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> Path:
     """Write a checkpoint of ``step`` atomically and prune to the newest ``keep_last``.
 
@@ -122,7 +126,10 @@ def save_checkpoint(
 
     tmp = directory / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
     tmp.mkdir()
-    save_model(model, str(tmp / _MODEL_FILE))
+    # One file whatever the size, so that ``load_checkpoint`` and resume read one file.
+    model.save_pretrained(tmp, safe_serialization=True, max_shard_size="100000GB")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
     state = {
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -131,7 +138,7 @@ def save_checkpoint(
     torch.save(state, tmp / _STATE_FILE)
     meta = CheckpointMeta(step=step, extra=dict(extra or {}), created_at=time.time())
     (tmp / _META_FILE).write_text(meta.model_dump_json())
-    for path in (tmp / _MODEL_FILE, tmp / _STATE_FILE, tmp / _META_FILE, tmp):
+    for path in [*tmp.iterdir(), tmp]:
         _fsync(path)
 
     final = directory / f"{_PREFIX}{step:08d}"
@@ -149,7 +156,7 @@ def save_checkpoint(
 
 def load_checkpoint(
     path: Path,
-    model: nn.Module,
+    model: PreTrainedModel,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> CheckpointMeta:

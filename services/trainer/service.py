@@ -284,7 +284,7 @@ class TrainerService:
         await asyncio.to_thread(
             save_checkpoint, self.run_dir / "checkpoints", self.step, self.model,
             self.optimizer, self.scheduler, keep_last=self.config.trainer.checkpoint_keep_last,
-            extra=progress.to_json(),
+            extra=progress.to_json(), tokenizer=self.tokenizer,
         )  # fmt: skip
         self.checkpointed_step = self.step
         pipe = self.client.pipeline()

@@ -1,5 +1,5 @@
 """Checkpoints: exact resume of weights, optimizer, scheduler and RNG; atomic writes;
-keep-last-k."""
+keep-last-k; a checkpoint folder is a model folder that transformers and vLLM load."""
 
 from __future__ import annotations
 
@@ -9,12 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from vllm import SamplingParams
 
 from hapo.config import load_config
 from hapo.learner import make_optimizer
+from services.rollout.engine import build_engine
 from services.trainer import checkpoint
 from services.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from tests.services.rollout.conftest import tiny_config
 
 
 def _trainer() -> tuple[LlamaForCausalLM, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
@@ -112,3 +115,39 @@ def test_crash_mid_save_leaves_the_previous_checkpoint(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001", "step_00000002"]
     with pytest.raises(FileNotFoundError, match="not a checkpoint"):
         load_checkpoint(tmp_path, model, optimizer, scheduler)
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+async def test_checkpoint_is_a_model_folder_for_transformers_and_vllm(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(2)
+    with torch.no_grad():  # trained weights differ from the folder's: the check can fail
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    path = save_checkpoint(
+        tmp_path, 7, model, *make_optimizer(model, load_config().actor_rollout_ref.actor.optim),
+        keep_last=1, tokenizer=tokenizer,
+    )  # fmt: skip
+    prompt = torch.tensor([[1, 100, 200, 300, 400, 500]])
+    with torch.no_grad():
+        expected = model.generate(prompt, max_new_tokens=8, do_sample=False)[0, 6:].tolist()
+        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        assert torch.equal(loaded(prompt).logits, model(prompt).logits)
+    assert AutoTokenizer.from_pretrained(path).encode("7 + 5") == tokenizer.encode("7 + 5")
+
+    engine = build_engine(tiny_config(path))
+    try:
+        final = None
+        async for final in engine.generate(
+            {"prompt_token_ids": prompt[0].tolist()},
+            SamplingParams(temperature=0.0, max_tokens=8),
+            request_id="checkpoint",
+        ):
+            pass
+        assert final is not None and list(final.outputs[0].token_ids) == expected
+    finally:
+        engine.shutdown()
