@@ -141,13 +141,14 @@ async def test_checkpoint_is_a_model_folder_for_transformers_and_vllm(
 
     engine = build_engine(tiny_config(path))
     try:
-        final = None
-        async for final in engine.generate(
-            {"prompt_token_ids": prompt[0].tolist()},
-            SamplingParams(temperature=0.0, max_tokens=8),
-            request_id="checkpoint",
-        ):
-            pass
-        assert final is not None and list(final.outputs[0].token_ids) == expected
+        outputs = [
+            output
+            async for output in engine.generate(
+                {"prompt_token_ids": prompt[0].tolist()},
+                SamplingParams(temperature=0.0, max_tokens=8),
+                request_id="checkpoint",
+            )
+        ]
+        assert list(outputs[-1].outputs[0].token_ids) == expected
     finally:
         engine.shutdown()
