@@ -173,3 +173,16 @@ def bench(ctx: typer.Context, name: Benchmark) -> None:
     The last line of output is one JSON object with the figures.
     """
     importlib.import_module(f"benchmarks.{name.value}").main(ctx.args)
+
+
+@app.command("report")
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run's folder, holding metrics.jsonl.")],
+) -> None:
+    """Write RUN_DIR/plots/*.png and RUN_DIR/summary.md from RUN_DIR/metrics.jsonl."""
+    if not (run_dir / "metrics.jsonl").is_file():
+        typer.secho(f"error: no metrics.jsonl in {run_dir}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=1)
+    from hapo.report import write_report
+
+    typer.echo(f"wrote {write_report(run_dir)}")
