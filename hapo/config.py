@@ -178,7 +178,14 @@ class TrainerConfig(_Section):
     """The learner and controller."""
 
     backend: Literal["local", "ray"] = "local"
-    """One local process, or Ray Train workers (DDP/FSDP)."""
+    """The learner in this process, or data-parallel over Ray Train workers."""
+    num_workers: int = Field(2, ge=1, le=4096)
+    """Data-parallel Ray Train workers with ``backend=ray`` (one CPU, or one GPU, each)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the learner computes: ``auto`` takes the GPU when CUDA is available."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Compute dtype of the forward and backward passes (weights, gradients and optimizer
+    states stay fp32): ``bf16`` autocasts; ``auto`` is bf16 on GPU and fp32 on CPU."""
     max_staleness: int = Field(1, ge=0, le=100)
     """Policy versions the rollout may run ahead of the learner (0 = on-policy)."""
     total_steps: int = Field(100, ge=1)

@@ -74,6 +74,20 @@ class TrainingBatch:
         """Number of samples ``B``."""
         return self.input_ids.shape[0]
 
+    def to(self, device: torch.device) -> TrainingBatch:
+        """The batch with its tensors on ``device``."""
+        if self.input_ids.device == device:
+            return self
+        return replace(
+            self,
+            input_ids=self.input_ids.to(device),
+            attention_mask=self.attention_mask.to(device),
+            position_ids=self.position_ids.to(device),
+            responses=self.responses.to(device),
+            response_mask=self.response_mask.to(device),
+            token_level_rewards=self.token_level_rewards.to(device),
+        )
+
     def select(self, rows: slice) -> TrainingBatch:
         """The samples ``rows`` (a mini- or micro-batch), tensors as views."""
         return replace(
@@ -138,6 +152,22 @@ def build_batch(trajectories: Sequence[ScoredTrajectory], pad_token_id: int) -> 
     )
 
 
+def learner_device(config: HapoConfig) -> torch.device:
+    """``trainer.device`` resolved: ``auto`` is the current CUDA device if there is one."""
+    choice = config.trainer.device
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
+
+
+def compute_dtype(config: HapoConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``trainer.precision`` on ``device`` (``None``: fp32)."""
+    precision = config.trainer.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return torch.bfloat16 if precision == "bf16" else None
+
+
 def policy_log_probs(
     model: nn.Module,
     batch: TrainingBatch,
@@ -145,12 +175,18 @@ def policy_log_probs(
     temperature: float = 1.0,
     chunk_size: int = 1024,
     with_entropy: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (and entropies) of a batch's response tokens under a causal LM.
 
     ``model`` is a transformers ``*ForCausalLM`` whose logits are ``lm_head(hidden)``
     without bias or soft-capping (Llama, Qwen2, Mistral, SmolLM2); only the response
     columns' hidden states go through the vocabulary projection.
+
+    With ``dtype`` (bf16) the decoder runs under autocast and the vocabulary projection
+    multiplies in ``dtype``; softmax, log-probs and entropies stay fp32 (``chunk_logits``).
+    The projection is cast explicitly rather than autocast because its backward pass
+    recomputes the logits outside autocast, and forward and backward must agree.
 
     Returns:
         ``(log_prob, entropy)``, ``[B, R]`` fp32 each (entropy ``None`` unless asked),
@@ -165,18 +201,23 @@ def policy_log_probs(
     extras = [name for name in scaling if getattr(model.config, name, None)]
     if getattr(head, "bias", None) is not None or extras:
         raise ValueError(f"unsupported output head: bias or {extras} (logits must be hidden @ W.T)")
-    hidden = model.get_decoder()(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        use_cache=False,
-    ).last_hidden_state
+    device_type = batch.input_ids.device.type
+    with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        hidden = model.get_decoder()(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=False,
+        ).last_hidden_state
     response_width = batch.responses.shape[1]
     start = batch.prompt_length - 1
     rows = hidden[:, start : start + response_width].reshape(-1, hidden.shape[-1])
+    weight = head.weight
+    if dtype is not None:
+        rows, weight = rows.to(dtype), weight.to(dtype)
     log_prob, entropy = taken_log_probs_chunked(
         rows,
-        head.weight,
+        weight,
         batch.responses.reshape(-1),
         temperature=temperature,
         chunk_size=chunk_size,
@@ -194,6 +235,7 @@ def old_log_probs_and_entropy(
     *,
     temperature: float = 1.0,
     chunk_size: int = 1024,
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(old_log_prob, entropy)``, ``[B, R]`` each, with the current weights, no graph."""
     parts = [
@@ -203,6 +245,7 @@ def old_log_probs_and_entropy(
             temperature=temperature,
             chunk_size=chunk_size,
             with_entropy=True,
+            dtype=dtype,
         )
         for start in range(0, batch.size, micro_batch_size)
     ]
@@ -336,6 +379,7 @@ def accumulate_gradients(
             temperature=_temperature(config),
             chunk_size=config.trainer.logits_chunk_size,
             with_entropy=current_entropy,
+            dtype=compute_dtype(config, batch.input_ids.device),
         )
         if entropy is None:
             h_hat = micro_targets.old_h_hat
@@ -441,16 +485,19 @@ def learner_step(
     Mini-batches are ``ppo_mini_batch_size x rollout.n`` consecutive samples (keep groups
     contiguous); each is one optimizer step with gradient clipping at ``actor.grad_clip``.
     An update whose gradient norm is not finite is skipped (counted in
-    ``loss/skipped_updates``). The scheduler steps once per call.
+    ``loss/skipped_updates``). The scheduler steps once per call. The batch moves to the
+    model's device; ``trainer.precision`` picks the compute dtype there.
     """
     start = time.perf_counter()
     actor = config.actor_rollout_ref.actor
+    batch = batch.to(next(model.parameters()).device)
     old_log_prob, entropy = old_log_probs_and_entropy(
         model,
         batch,
         actor.ppo_micro_batch_size_per_gpu,
         temperature=_temperature(config),
         chunk_size=config.trainer.logits_chunk_size,
+        dtype=compute_dtype(config, batch.input_ids.device),
     )
     targets = step_targets(batch, old_log_prob, entropy, config)
     old_pass_s = time.perf_counter() - start

@@ -39,8 +39,26 @@ from vllm.distributed.weight_transfer.factory import (
     WeightTransferTrainerFactory,
 )
 
+from hapo.config import HapoConfig
+
 # Not plain "gloo": a future vLLM built-in of that name must not be shadowed silently.
 GLOO_BACKEND = "hapo_gloo"
+
+
+def weight_transfer_backend(config: HapoConfig) -> str:
+    """``rollout.weight_transfer`` with ``auto`` resolved for this machine: ``nccl`` where
+    CUDA is available, else HAPO's gloo engine. The trainer and the rollout resolve it the
+    same way, so both ends of a sync agree (both on GPU hosts, or both on CPU)."""
+    choice = config.rollout.weight_transfer
+    if choice == "auto":
+        return "nccl" if torch.cuda.is_available() else GLOO_BACKEND
+    return choice
+
+
+def rollout_world_size(config: HapoConfig) -> int:
+    """Ranks of one replica's weight-sync group: the trainer's sender and every vLLM
+    worker of the replica (each receives the full weights and loads its shard)."""
+    return 1 + config.rollout.tensor_parallel_size * config.rollout.data_parallel_size
 
 
 @dataclass
@@ -264,11 +282,14 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
 
 class CastModuleSource(WeightSource):
     """``module.named_parameters()`` cast to the rollout's dtype (e.g. bf16 halves the
-    bytes sent)."""
+    bytes sent), on ``device`` if given (NCCL sends from the GPU whatever the module's)."""
 
-    def __init__(self, module: torch.nn.Module, dtype: torch.dtype) -> None:
+    def __init__(
+        self, module: torch.nn.Module, dtype: torch.dtype, device: torch.device | None = None
+    ) -> None:
         self._module = module
         self._dtype = dtype
+        self._device = device
 
     def metadata(self) -> list[ParamMeta]:
         return [
@@ -278,7 +299,7 @@ class CastModuleSource(WeightSource):
 
     def __iter__(self):
         for name, parameter in self._module.named_parameters():
-            yield name, parameter.detach().to(self._dtype)
+            yield name, parameter.detach().to(self._device, self._dtype)
 
 
 class GlooWorkerExtension:
@@ -286,11 +307,16 @@ class GlooWorkerExtension:
 
 
 class RolloutWeightSyncClient:
-    """vLLM's ``VLLMWeightSyncClient`` over the rollout service's HTTP routes."""
+    """vLLM's ``VLLMWeightSyncClient`` over the rollout service's HTTP routes.
+
+    ``weight_version`` is sent with ``finish_weight_update`` when the engine passes none:
+    vLLM's NCCL engine finishes without a version, and the rollout tags trajectories with it.
+    """
 
     def __init__(self, base_url: str, token: str | None, timeout_s: float = 300.0) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(base_url=base_url, headers=headers, timeout=timeout_s)
+        self.weight_version: str | None = None
 
     def _post(self, path: str, body: dict[str, Any] | None = None) -> None:
         self._http.post(path, json=body).raise_for_status()
@@ -305,7 +331,8 @@ class RolloutWeightSyncClient:
         self._post("/v1/weights/update", {"update_info": update_info})
 
     def finish_weight_update(self, weight_version: str | None = None) -> None:
-        self._post("/v1/weights/finish", {"weight_version": weight_version})
+        version = self.weight_version if weight_version is None else weight_version
+        self._post("/v1/weights/finish", {"weight_version": version})
 
     def close(self) -> None:
         self._http.close()
@@ -332,4 +359,6 @@ __all__ = [
     "GlooWeightTransferEngine",
     "GlooWorkerExtension",
     "RolloutWeightSyncClient",
+    "rollout_world_size",
+    "weight_transfer_backend",
 ]

@@ -10,16 +10,8 @@ from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from hapo.config import HapoConfig
-from hapo.weight_sync import GLOO_BACKEND
+from hapo.weight_sync import GLOO_BACKEND, weight_transfer_backend
 from services.rollout.logits_processor import COMPILE_KEY, AdaptiveTemperatureLogitsProcessor
-
-
-def weight_transfer_backend(config: HapoConfig) -> str:
-    """``rollout.weight_transfer``, with ``auto`` resolved for this machine."""
-    choice = config.rollout.weight_transfer
-    if choice == "auto":
-        return "nccl" if torch.cuda.is_available() else GLOO_BACKEND
-    return choice
 
 
 def engine_args(config: HapoConfig, *, adaptive_processor: bool = True) -> AsyncEngineArgs:

@@ -1,10 +1,15 @@
-"""The HAPO learner step, data-parallel over Ray Train workers (``trainer.backend=ray``).
+"""The HAPO learner, data-parallel over Ray Train workers (``trainer.backend=ray``).
 
-``run_ray_learner_steps`` runs ``k`` training steps of ``hapo.learner`` under a
-``ray.train.torch.TorchTrainer`` with ``num_workers`` CPU workers (a gloo process group)
-and hands back the updated weights, optimizer and scheduler states and one
-``LearnerStepResult`` per step. The update is that of ``hapo.learner.learner_step`` on the
-same batch (``tests/services/trainer/test_ray_learner.py``), because every rank:
+``RayLearner`` keeps one ``ray.train.torch.TorchTrainer.fit()`` running for the whole run
+(in a driver thread; starting one costs ~12 s on CPU) and feeds it steps: the driver puts
+a command on a Ray queue, rank 0 takes it and broadcasts it to the other ranks, every rank
+runs ``data_parallel_learner_step`` on its shard, and rank 0 answers with the step's
+result and the new weights (an object reference), which the driver loads into its own
+copy of the model: the copy the trainer service checkpoints and pushes to the rollout.
+Optimizer and scheduler states travel only when the driver asks (before a checkpoint).
+
+The update is that of ``hapo.learner.learner_step`` on the same batch
+(``tests/services/trainer/test_ray_learner.py``), because every rank:
 
 1. computes old log-probs and token entropy on its contiguous shard of the step's batch
    and all-gathers them, so ``norm_entropys`` and ``h_hat`` come from the WHOLE step's
@@ -17,7 +22,7 @@ same batch (``tests/services/trainer/test_ray_learner.py``), because every rank:
    the mini-batch's token-mean gradient;
 4. all-reduces the gradients with a SUM, once per mini-batch (one flat buffer), then
    clips and steps the optimizer; every rank holds the same gradient, so the replicas stay
-   identical (checked at the end of the run).
+   identical (checked whenever the driver asks for the optimizer state).
 
 Gradients are summed by hand rather than by wrapping the model in
 ``DistributedDataParallel``: the learner calls ``model.get_decoder()`` and the
@@ -25,33 +30,28 @@ Gradients are summed by hand rather than by wrapping the model in
 ``DDP.forward``, so DDP's reducer would never be armed. Summing explicitly is what DDP
 with ``no_sync()`` over the micro-batches would do, without its averaging (no
 ``world_size`` rescaling to get wrong). The process group is the one TorchTrainer sets
-up: gloo on CPU.
-
-Weights in: the driver ``ray.put``s the model (a CPU ``nn.Module``); each worker gets its
-own copy. Weights out: rank 0 saves ``{model, optimizer, scheduler, results}`` with
-``torch.save`` in a temporary directory and reports it as a ``ray.train.Checkpoint``;
-the driver loads it from ``Result.checkpoint`` (the only channel from workers to driver
-that ``TorchTrainer.fit`` has), under a temporary ``storage_path`` that is deleted after.
-
-``fit()`` starts Ray itself when it is not running (the caller then owns
-``ray.shutdown()``) and costs ~12 s to the first step on CPU, so a service should run
-several steps per call or keep one ``fit()`` alive and feed it batches (not done here).
+up: gloo on CPU, NCCL with one GPU per worker (``trainer.device``). Parameters are
+replicated on every rank (no FSDP sharding).
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import ray
 import ray.train
+import ray.train.torch
 import torch
 import torch.distributed as dist
 from ray.train.torch import TorchTrainer
+from ray.util.queue import Empty, Queue
 from torch import nn
 
 from hapo.config import HapoConfig
@@ -62,26 +62,19 @@ from hapo.learner import (
     _temperature,
     accumulate_gradients,
     clipped_optimizer_step,
+    compute_dtype,
+    learner_device,
     make_optimizer,
     old_log_probs_and_entropy,
     step_result,
     step_targets,
 )
 
+logger = logging.getLogger("hapo.trainer")
+
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 """Builds the optimizer from the parameters (e.g. ``functools.partial(torch.optim.SGD,
 lr=1.0)``); with it the learning rate is constant. ``None``: ``make_optimizer``."""
-
-_STATE_FILE = "state.pt"
-
-
-class RayLearnerOutput(NamedTuple):
-    """What ``run_ray_learner_steps`` hands back (rank 0's, on CPU)."""
-
-    state_dict: dict[str, torch.Tensor]
-    optimizer_state: dict[str, Any]
-    scheduler_state: dict[str, Any]
-    results: list[LearnerStepResult]
 
 
 def shard_rows(first: int, size: int, rank: int, world_size: int) -> slice:
@@ -125,16 +118,14 @@ def _all_reduce_gradients(model: nn.Module) -> None:
         offset += p.numel()
 
 
-def _all_reduce_means(means: MetricMeans) -> None:
+def _all_reduce_means(means: MetricMeans, device: torch.device) -> None:
     """Sum the weighted metric sums and weights over the ranks (same names, same order on
     every rank: each rank runs the same loops)."""
     names = list(means._sums)
     if not names:
         return
-    stacked = torch.stack(
-        [torch.as_tensor(means._sums[n], dtype=torch.float64) for n in names]
-        + [torch.as_tensor(means._weights[n], dtype=torch.float64) for n in names]
-    )
+    values = [means._sums[n] for n in names] + [means._weights[n] for n in names]
+    stacked = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
     dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
     for index, name in enumerate(names):
         means._sums[name] = stacked[index]
@@ -158,6 +149,8 @@ def data_parallel_learner_step(
     check_shardable(batch.size, config, world_size)
     start = time.perf_counter()
     actor = config.actor_rollout_ref.actor
+    device = next(model.parameters()).device
+    batch = batch.to(device)
     own = batch.select(shard_rows(0, batch.size, rank, world_size))
     old_log_prob, entropy = old_log_probs_and_entropy(
         model,
@@ -165,6 +158,7 @@ def data_parallel_learner_step(
         actor.ppo_micro_batch_size_per_gpu,
         temperature=_temperature(config),
         chunk_size=config.trainer.logits_chunk_size,
+        dtype=compute_dtype(config, device),
     )
     old_log_prob = _all_gather_rows(old_log_prob, world_size)
     entropy = _all_gather_rows(entropy, world_size)
@@ -195,7 +189,7 @@ def data_parallel_learner_step(
             skipped += not clipped_optimizer_step(model, optimizer, actor.grad_clip, loss, means)
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
-    _all_reduce_means(means)
+    _all_reduce_means(means, device)
     result = step_result(batch, targets, entropy, means, lr, skipped, start, old_pass_s)
     result.metrics["perf/data_parallel_ranks"] = float(world_size)
     return result
@@ -210,13 +204,28 @@ def _check_replicas_equal(model: nn.Module, world_size: int) -> None:
         raise RuntimeError("data-parallel replicas diverged")
 
 
+def _on_cpu(state: Any) -> Any:
+    """``state`` (nested dicts/lists of tensors) with every tensor copied to the CPU."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().cpu()
+    if isinstance(state, dict):
+        return {key: _on_cpu(value) for key, value in state.items()}
+    if isinstance(state, list | tuple):
+        return type(state)(_on_cpu(value) for value in state)
+    return state
+
+
 def _train_loop(loop_config: dict[str, Any]) -> None:
-    """One Ray Train worker: ``len(batches)`` data-parallel steps, rank 0 reports state."""
+    """One Ray Train worker: run the driver's commands until ``stop``.
+
+    Rank 0 reads each command from the driver's queue and broadcasts it, so every rank
+    runs the same collectives in the same order; rank 0 answers.
+    """
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    model: nn.Module = ray.get(loop_config["model"])
     config: HapoConfig = loop_config["config"]
-    batches: list[TrainingBatch] = ray.get(loop_config["batches"])
+    device = ray.train.torch.get_device() if config.trainer.device != "cpu" else None
+    model: nn.Module = ray.get(loop_config["model"]).to(device or "cpu")
     factory: OptimizerFactory | None = loop_config["optimizer_factory"]
     if factory is None:
         optimizer, scheduler = make_optimizer(model, config.actor_rollout_ref.actor.optim)
@@ -225,82 +234,127 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     if loop_config["optimizer_state"] is not None:
         optimizer.load_state_dict(loop_config["optimizer_state"])
-    if loop_config["scheduler_state"] is not None:
         scheduler.load_state_dict(loop_config["scheduler_state"])
+    commands: Queue = loop_config["commands"]
+    replies: Queue = loop_config["replies"]
+    while True:
+        message = [commands.get() if rank == 0 else None]
+        dist.broadcast_object_list(message, src=0)
+        kind, batch = message[0]
+        if kind == "stop":
+            return
+        if kind == "step":
+            result = data_parallel_learner_step(
+                model, optimizer, scheduler, batch, config, rank, world_size
+            )
+            if rank == 0:
+                replies.put(("step", result, ray.put(_on_cpu(model.state_dict()))))
+        elif kind == "state":
+            _check_replicas_equal(model, world_size)
+            if rank == 0:
+                state = (_on_cpu(optimizer.state_dict()), scheduler.state_dict())
+                replies.put(("state", ray.put(state)))
 
-    results = [
-        data_parallel_learner_step(model, optimizer, scheduler, batch, config, rank, world_size)
-        for batch in batches
-    ]
-    _check_replicas_equal(model, world_size)
-    metrics = {"steps": len(results)}
-    if rank != 0:
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory() as directory:
-        state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "results": results,
-        }
-        torch.save(state, Path(directory) / _STATE_FILE)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
+class RayLearner:
+    """The learner of a run over ``trainer.num_workers`` Ray Train workers.
 
-def run_ray_learner_steps(
-    model: nn.Module,
-    batches: Sequence[TrainingBatch],
-    config: HapoConfig,
-    *,
-    num_workers: int = 2,
-    optimizer_factory: OptimizerFactory | None = None,
-    optimizer_state: dict[str, Any] | None = None,
-    scheduler_state: dict[str, Any] | None = None,
-) -> RayLearnerOutput:
-    """Run one data-parallel learner step per batch on ``num_workers`` Ray CPU workers.
-
-    Args:
-        model: the policy on CPU (fp32); not modified (load the returned state into it).
-        batches: the steps' batches, in order; each batch and each of its mini-batches
-            must split evenly over the workers.
-        config: the run's config (``learner_step``'s).
-        num_workers: data-parallel ranks, one CPU each.
-        optimizer_factory: see ``OptimizerFactory``.
-        optimizer_state, scheduler_state: resume these (``state_dict()``s) if given.
-
-    Returns:
-        Rank 0's state after the last step and one result per step.
-
-    Raises:
-        ValueError: a batch that does not shard evenly (before Ray is touched).
+    Holds the driver's ``model``, ``optimizer`` and ``scheduler`` (the trainer service's,
+    on the CPU): the workers start from their states, ``step`` loads each step's weights
+    back into ``model``, ``pull_state`` the optimizer and scheduler states. Starts Ray
+    (``ray.init()``: a local instance, or the cluster of ``RAY_ADDRESS``) if it is not
+    running, and then shuts it down in ``close``.
     """
-    for batch in batches:
-        check_shardable(batch.size, config, num_workers)
-    storage = Path(tempfile.mkdtemp(prefix="hapo-ray-learner-"))
-    try:
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        config: HapoConfig,
+        *,
+        optimizer_factory: OptimizerFactory | None = None,
+    ) -> None:
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.config = config
+        self.num_workers = config.trainer.num_workers
+        self._owns_ray = not ray.is_initialized()
+        if self._owns_ray:
+            ray.init(log_to_driver=False)
+        # No CPU reserved: the queues are idle actors, and the workers need every core.
+        self._commands = Queue(actor_options={"num_cpus": 0})
+        self._replies = Queue(actor_options={"num_cpus": 0})
+        self._storage = Path(tempfile.mkdtemp(prefix="hapo-ray-learner-"))
+        use_gpu = learner_device(config).type == "cuda"
         trainer = TorchTrainer(
             _train_loop,
             train_loop_config={
                 "model": ray.put(model),
-                "batches": ray.put(list(batches)),
                 "config": config,
                 "optimizer_factory": optimizer_factory,
-                "optimizer_state": optimizer_state,
-                "scheduler_state": scheduler_state,
+                "optimizer_state": optimizer.state_dict(),
+                "scheduler_state": scheduler.state_dict(),
+                "commands": self._commands,
+                "replies": self._replies,
             },
             scaling_config=ray.train.ScalingConfig(
-                num_workers=num_workers, use_gpu=False, resources_per_worker={"CPU": 1}
+                num_workers=self.num_workers,
+                use_gpu=use_gpu,
+                resources_per_worker={"GPU": 1} if use_gpu else {"CPU": 1},
             ),
-            run_config=ray.train.RunConfig(storage_path=str(storage), name="learner"),
+            run_config=ray.train.RunConfig(storage_path=str(self._storage), name="learner"),
         )
-        result = trainer.fit()
-        if result.checkpoint is None:
-            raise RuntimeError("the Ray learner reported no checkpoint")
-        with result.checkpoint.as_directory() as directory:
-            state = torch.load(Path(directory) / _STATE_FILE, weights_only=False)
-    finally:
-        shutil.rmtree(storage, ignore_errors=True)
-    return RayLearnerOutput(
-        state["model"], state["optimizer"], state["scheduler"], state["results"]
-    )
+        self._error: BaseException | None = None
+        self._fit = threading.Thread(target=self._run, args=(trainer,), daemon=True)
+        self._fit.start()
+
+    def _run(self, trainer: TorchTrainer) -> None:
+        try:
+            trainer.fit()
+        except BaseException as exc:  # reported to the caller waiting in _reply
+            self._error = exc
+
+    def _reply(self, kind: str) -> tuple[Any, ...]:
+        """The workers' answer to the last command; raises if the workers died."""
+        while True:
+            try:
+                reply = self._replies.get(timeout=0.5)
+            except Empty:
+                if not self._fit.is_alive():
+                    raise RuntimeError(f"the Ray learner stopped: {self._error!r}") from None
+                continue
+            if reply[0] != kind:
+                raise RuntimeError(f"the Ray learner answered {reply[0]!r} to {kind!r}")
+            return reply[1:]
+
+    def step(self, batch: TrainingBatch) -> LearnerStepResult:
+        """One data-parallel training step; ``model`` then holds the new weights.
+
+        Raises:
+            ValueError: the batch or a mini-batch does not split evenly over the workers.
+        """
+        check_shardable(batch.size, self.config, self.num_workers)
+        self._commands.put(("step", batch))
+        result, state = self._reply("step")
+        self.model.load_state_dict(ray.get(state))
+        return result
+
+    def pull_state(self) -> None:
+        """Load the workers' optimizer and scheduler states into the driver's (for a
+        checkpoint); checks that the replicas have not diverged."""
+        self._commands.put(("state", None))
+        (state,) = self._reply("state")
+        optimizer_state, scheduler_state = ray.get(state)
+        self.optimizer.load_state_dict(optimizer_state)
+        self.scheduler.load_state_dict(scheduler_state)
+
+    def close(self) -> None:
+        """Stop the workers (after the step in progress) and release Ray."""
+        if self._fit.is_alive():
+            self._commands.put(("stop", None))
+            self._fit.join(timeout=60)
+        for queue in (self._commands, self._replies):
+            queue.shutdown()
+        shutil.rmtree(self._storage, ignore_errors=True)
+        if self._owns_ray:
+            ray.shutdown()

@@ -20,7 +20,8 @@ Between steps the loop honours the control API's requests (``control.RunControl`
 pause, resume, checkpoint, stop (a stopped run checkpoints its last step). The API and the
 runs of one process live in ``services.trainer.api`` and ``services.trainer.runs``.
 
-Not yet here (see the [trainer] issue): Ray Train workers.
+The learner is ``trainer.backend``'s (``services.trainer.learners``): this process, on
+``trainer.device`` in ``trainer.precision``, or data-parallel Ray Train workers.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hapo.config import HapoConfig
 from hapo.data import problem_stream
-from hapo.learner import LearnerStepResult, build_batch, learner_step, make_optimizer
+from hapo.learner import LearnerStepResult, build_batch, learner_device, make_optimizer
 from hapo.messages import (
     AdaptiveTemperature,
     MalformedMessage,
@@ -59,6 +60,7 @@ from services.trainer import resume
 from services.trainer.checkpoint import save_checkpoint
 from services.trainer.control import RunControl, RunState
 from services.trainer.groups import GroupAssembler
+from services.trainer.learners import Learner, make_learner
 from services.trainer.metrics import TrainerMetrics, h_hat_summary
 from services.trainer.weights import WeightPusher
 
@@ -83,6 +85,8 @@ class TrainerService:
         path = config.model.local_path
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        if config.trainer.backend == "local":  # Ray workers place their own replicas
+            self.model.to(learner_device(config))
         self.optimizer, self.scheduler = make_optimizer(
             self.model, config.actor_rollout_ref.actor.optim
         )
@@ -107,6 +111,8 @@ class TrainerService:
         self.groups_queued = progress.groups_queued
         self.groups = GroupAssembler(self.run_id, trained=progress.trained)
         self.weights = WeightPusher(config, self.model)
+        self.learner: Learner | None = None
+        """Started by ``run`` (Ray workers take a while), closed when it returns."""
 
     def _prompt_group(self) -> PromptGroup:
         data, rollout = self.config.data, self.config.actor_rollout_ref.rollout
@@ -214,6 +220,9 @@ class TrainerService:
                         self.step)  # fmt: skip
         if self.resumed:  # the rollout may hold weights of steps that were lost
             await asyncio.to_thread(self.weights.push, self.policy_version)
+        self.learner = await asyncio.to_thread(
+            make_learner, self.model, self.optimizer, self.scheduler, self.config
+        )
         metrics_file = metrics_path.open("a")
         total = self.config.trainer.total_steps
         logger.info("run %s: steps %d-%d into %s", self.run_id, self.step + 1, total,
@@ -230,9 +239,7 @@ class TrainerService:
                     break
                 samples, entries, group_ids = collected
                 batch = build_batch(samples, pad)
-                result = await asyncio.to_thread(
-                    learner_step, self.model, self.optimizer, self.scheduler, batch, self.config
-                )
+                result = await asyncio.to_thread(self.learner.step, batch)
                 self.step = self.policy_version = step
                 self.norm_entropys = tuple(result.norm_entropys)
                 sync_s = await asyncio.to_thread(self.weights.push, self.policy_version)
@@ -246,6 +253,7 @@ class TrainerService:
                     await self._checkpoint()
         finally:
             metrics_file.close()
+            await asyncio.to_thread(self.learner.close)
             await self.client.aclose()
 
     def _record(
@@ -278,6 +286,8 @@ class TrainerService:
         entries of the steps it covers."""
         if self.checkpointed_step == self.step:
             return
+        if self.learner is not None:
+            await asyncio.to_thread(self.learner.pull_state)
         progress = resume.Progress(
             self.policy_version, self.groups_queued, self.norm_entropys, self.groups.trained
         )

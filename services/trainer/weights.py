@@ -1,4 +1,9 @@
-"""Pushing the trainer's weights to the rollout replicas."""
+"""Pushing the trainer's weights to the rollout replicas.
+
+The backend is ``rollout.weight_transfer`` resolved as the rollout resolves it
+(``hapo.weight_sync.weight_transfer_backend``): vLLM's NCCL engine where CUDA is
+available (the model is on the GPU, tensors go GPU to GPU), HAPO's gloo engine on CPU.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +12,17 @@ import time
 
 import torch
 from torch import nn
+from vllm.distributed.weight_transfer.base import TrainerWeightTransferEngine
 
 from hapo.config import HapoConfig
 from hapo.weight_sync import (
+    GLOO_BACKEND,
     CastModuleSource,
     GlooTrainerInitInfo,
     GlooTrainerWeightTransferEngine,
     RolloutWeightSyncClient,
+    rollout_world_size,
+    weight_transfer_backend,
 )
 
 logger = logging.getLogger("hapo.trainer")
@@ -23,35 +32,65 @@ _ROLLOUT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float3
 
 class WeightPusher:
     """Sends ``model``'s weights to every replica of ``trainer.rollout_urls`` (none: a
-    no-op); a replica that fails or times out is logged and skipped for that push."""
+    no-op); a replica that fails or times out is logged and skipped for that push, and
+    its transfer group is set up again at the next push."""
 
     def __init__(self, config: HapoConfig, model: nn.Module) -> None:
         self.config, self.model = config, model
-        self.senders: dict[str, GlooTrainerWeightTransferEngine] = {}
+        self.backend = weight_transfer_backend(config)
+        self.senders: dict[str, tuple[RolloutWeightSyncClient, TrainerWeightTransferEngine]] = {}
+
+    def _connect(
+        self, url: str, port: int
+    ) -> tuple[RolloutWeightSyncClient, TrainerWeightTransferEngine]:
+        """Open the transfer group with one replica (the trainer is rank 0)."""
+        trainer = self.config.trainer
+        token = self.config.api.token
+        client = RolloutWeightSyncClient(
+            url,
+            None if token is None else token.get_secret_value(),
+            timeout_s=trainer.weight_sync_timeout_s,
+        )
+        dtype = _ROLLOUT_DTYPES.get(self.config.rollout.dtype, torch.bfloat16)
+        world_size = rollout_world_size(self.config)
+        if self.backend == GLOO_BACKEND:
+            source = CastModuleSource(self.model, dtype, torch.device("cpu"))
+            init = GlooTrainerInitInfo(
+                master_address=trainer.weight_sync_host, master_port=port,
+                world_size=world_size, rank=0,
+            )  # fmt: skip
+            return client, GlooTrainerWeightTransferEngine.trainer_init(
+                init, client=client, source=source
+            )
+        # Imported here: vLLM's NCCL engine loads CUDA libraries.
+        from vllm.distributed.weight_transfer.nccl_engine import (
+            NCCLTrainerInitInfo,
+            NCCLTrainerWeightTransferEngine,
+        )
+
+        source = CastModuleSource(self.model, dtype, torch.device("cuda"))
+        init = NCCLTrainerInitInfo(
+            master_address=trainer.weight_sync_host, master_port=port,
+            world_size=world_size, rank=0,
+        )  # fmt: skip
+        return client, NCCLTrainerWeightTransferEngine.trainer_init(
+            init, client=client, source=source
+        )
 
     def push(self, policy_version: int) -> float:
         """Push the weights as ``policy_version``; returns the seconds it took."""
         trainer = self.config.trainer
-        dtype = _ROLLOUT_DTYPES.get(self.config.rollout.dtype, torch.bfloat16)
-        token = self.config.api.token
-        token = None if token is None else token.get_secret_value()
         started = time.perf_counter()
         for index, url in enumerate(trainer.rollout_urls):
             try:
                 if url not in self.senders:
-                    client = RolloutWeightSyncClient(
-                        url, token, timeout_s=trainer.weight_sync_timeout_s
-                    )
-                    init = GlooTrainerInitInfo(
-                        master_address=trainer.weight_sync_host,
-                        master_port=trainer.weight_sync_port + index,
-                        world_size=2, rank=0,
-                    )  # fmt: skip
-                    self.senders[url] = GlooTrainerWeightTransferEngine.trainer_init(
-                        init, client=client, source=CastModuleSource(self.model, dtype)
-                    )
-                self.senders[url].send_weights(weight_version=str(policy_version))
+                    self.senders[url] = self._connect(url, trainer.weight_sync_port + index)
+                client, sender = self.senders[url]
+                # vLLM's NCCL engine finishes without a version: the client sends this one.
+                client.weight_version = str(policy_version)
+                sender.send_weights()
             except Exception:  # a replica's failure must not stop the run
                 logger.exception("weight push to %s failed; skipping it this step", url)
-                self.senders.pop(url, None)
+                if failed := self.senders.pop(url, None):
+                    failed[0].close()
         return time.perf_counter() - started

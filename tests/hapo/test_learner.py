@@ -353,3 +353,31 @@ def test_unsupported_output_head_is_refused(model: LlamaForCausalLM, batch: Trai
     model.lm_head = torch.nn.Linear(64, VOCAB, bias=True)
     with pytest.raises(ValueError, match="unsupported output head"):
         policy_log_probs(model, batch)
+
+
+def test_bf16_precision_computes_in_bf16_and_keeps_fp32_state(
+    model: LlamaForCausalLM, batch: TrainingBatch
+) -> None:
+    """``trainer.precision=bf16`` (autocast; on CPU here, on GPU by default): log-probs
+    stay within bf16 rounding of fp32's but are not fp32's, and the step still learns
+    with fp32 weights and optimizer states."""
+    fp32, _ = policy_log_probs(model, batch)
+    bf16, _ = policy_log_probs(model, batch, dtype=torch.bfloat16)
+    mask = batch.response_mask.bool()
+    difference = (bf16 - fp32).abs().masked_select(mask)
+    assert bf16.dtype == torch.float32
+    assert 0 < difference.max() < 0.1  # bf16 has 8 mantissa bits: ~1e-2 on log-probs ~5
+
+    config = _config(
+        "actor_rollout_ref.actor.optim.lr=1e-4", "actor_rollout_ref.actor.ppo_epochs=2",
+        "trainer.precision=bf16",
+    )  # fmt: skip
+    targets = _targets(model, batch, config, noise=0.0)
+    optimizer, scheduler = make_optimizer(model, config.actor_rollout_ref.actor.optim)
+    before = _surrogate_loss(model, batch, targets, config)
+    for _ in range(3):
+        learner_step(model, optimizer, scheduler, batch, config)
+    assert _surrogate_loss(model, batch, targets, config) < before - 0.03
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    states = optimizer.state_dict()["state"].values()
+    assert all(s["exp_avg"].dtype == torch.float32 for s in states)

@@ -1,4 +1,5 @@
-"""The data-parallel learner under Ray Train gives the local learner's update.
+"""The data-parallel learner under Ray Train gives the local learner's update, and the
+trainer service runs on it (``trainer.backend=ray``).
 
 A tiny random Llama, 2 groups x 4 samples of varied lengths and rewards, every adaptive
 HAPO switch on, SGD (update = -lr x gradient, so the comparison measures gradients and
@@ -9,13 +10,16 @@ sample, two training steps: 2 Ray workers (gloo) vs one local ``learner_step``.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hapo.algorithm import compute_norm_entropys, entropy_h_hat, log_entropy
@@ -29,8 +33,9 @@ from hapo.learner import (
     learner_step,
     old_log_probs_and_entropy,
 )
-from services.trainer.ray_learner import check_shardable, run_ray_learner_steps, shard_rows
-from tests.helpers import scored_trajectories
+from services.trainer.ray_learner import RayLearner, check_shardable, shard_rows
+from tests.helpers import scored_trajectories, wait_for
+from tests.services.trainer.conftest import ScoredFeeder, TrainerServer
 
 VOCAB, PAD, LR = 128, 0, 0.1
 # (prompt length, response length, reward) of two groups of four samples.
@@ -164,20 +169,23 @@ def ray_cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 def test_two_ray_workers_give_the_local_update(ray_cluster: None) -> None:
     batch, config, steps = _batch(), _config(), 2
     check_shardable(batch.size, config, 2)
-    start_model = _model()
-    before = {name: p.detach().clone() for name, p in start_model.named_parameters()}
-
-    out = run_ray_learner_steps(
-        start_model,
-        [batch] * steps,
-        config,
-        num_workers=2,
+    model = _model()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    learner = RayLearner(
+        model, optimizer, scheduler, config,
         optimizer_factory=functools.partial(torch.optim.SGD, lr=LR),
-    )
+    )  # fmt: skip
+    try:  # one fit() serves every step
+        results = [learner.step(batch) for _ in range(steps)]
+        learner.pull_state()
+    finally:
+        learner.close()
     local_model = _model()
     local = _local_steps(local_model, batch, config, steps)
 
-    distributed, ratios = out.state_dict, {}
+    distributed, ratios = {n: p.detach() for n, p in model.named_parameters()}, {}
     for name, p in local_model.named_parameters():
         update = (p.detach() - before[name]).abs().max().item()
         ratios[name] = (distributed[name] - p.detach()).abs().max().item() / update
@@ -189,20 +197,44 @@ def test_two_ray_workers_give_the_local_update(ray_cluster: None) -> None:
     print(f"|ray - local| / largest update: {matrices:.3g} (matrices), {max(ratios.values()):.3g}")
     moved = max((distributed[n] - before[n]).abs().max().item() for n in before)
     assert moved > 1e-2  # SGD moved the weights by far more than the tolerance
-    assert all(p.equal(before[n]) for n, p in start_model.named_parameters())
 
-    assert len(out.results) == steps
+    assert len(results) == steps
     # Step 1 starts from the same weights: its statistics agree to rounding. Step 2 starts
     # from weights that differ by the tolerance above, and a random model's log-entropies
     # are all within ~1e-3 of log(128) (std 7e-4), so h_hat = (log H - pivot) / std
     # magnifies those differences ~1000-fold.
     for step, h_hat_atol in ((0, 1e-5), (1, 1e-3)):
-        ray_result, local_result = out.results[step], local[step]
+        ray_result, local_result = results[step], local[step]
         assert ray_result.norm_entropys == pytest.approx(local_result.norm_entropys, rel=1e-4)
         torch.testing.assert_close(ray_result.h_hat, local_result.h_hat, atol=h_hat_atol, rtol=0)
         for name in ("loss/policy_loss", "loss/grad_norm", "loss/clipfrac", "reward/mean"):
             value, expected = ray_result.metrics[name], local_result.metrics[name]
             # abs: the policy loss is a token-mean of terms ~1 that cancel to ~5e-3.
             assert value == pytest.approx(expected, rel=1e-4, abs=1e-5), (step, name)
-    assert out.results[0].metrics["loss/approx_kl"] > 0  # mini-batch 2 saw moved weights
-    assert out.optimizer_state["param_groups"][0]["lr"] == LR
+    assert results[0].metrics["loss/approx_kl"] > 0  # mini-batch 2 saw moved weights
+    assert scheduler.last_epoch == steps  # pulled from the workers: the driver never stepped
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_trainer_service_trains_on_ray_workers(
+    trainer_api: TrainerServer, feeder: ScoredFeeder, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    overrides = ["trainer.run_id=ray", "trainer.total_steps=2", "trainer.backend=ray"]
+    status, body = trainer_api.request("POST", "/v1/runs", {"overrides": overrides})
+    assert status == 201, body
+
+    def run() -> dict:
+        return trainer_api.request("GET", "/v1/runs/ray")[1]
+
+    wait_for(lambda: run()["state"] in ("finished", "failed", "stopped"), 240, "the Ray run")
+    assert run()["state"] == "finished", run()["error"]
+    lines = (tmp_path / "runs" / "ray" / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(line) for line in lines]
+    assert [line["step"] for line in steps] == [1, 2]
+    assert all(line["perf/data_parallel_ranks"] == 2 for line in steps)
+    trained = load_file(
+        tmp_path / "runs" / "ray" / "checkpoints" / "step_00000002" / "model.safetensors"
+    )
+    initial = load_file(tiny_model_dir / "model.safetensors")
+    assert any(not torch.equal(trained[name], initial[name]) for name in initial)
