@@ -186,3 +186,49 @@ def report(
     from hapo.report import write_report
 
     typer.echo(f"wrote {write_report(run_dir)}")
+
+
+@app.command("eval")
+def eval_(
+    overrides: Overrides = None,
+    config_file: ConfigFile = None,
+    model: Annotated[
+        Path | None, typer.Option(help="Hugging Face model folder (default: model.path).")
+    ] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="builtin:addition(2) or a JSONL/Parquet file (default: data.train_files)."
+        ),
+    ] = None,
+    n: Annotated[
+        int, typer.Option(min=1, help="Distinct problems (fewer if the data has fewer).")
+    ] = 200,
+    k: Annotated[int, typer.Option(min=1, help="Samples per problem (mean@k).")] = 1,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0: greedy.")] = 0.0,
+    seed: Annotated[int | None, typer.Option(help="Problem seed (default: the eval seed).")] = None,
+    samples: Annotated[
+        Path | None, typer.Option(help="Write each problem's responses and rewards (JSONL).")
+    ] = None,
+) -> None:
+    """Score a model on a problem set with vLLM and the reward scorer; the last line of
+    output is one JSON object (mean and 95% interval over problems)."""
+    overrides = list(overrides or [])
+    if model is not None:
+        if not (model / "config.json").is_file():
+            typer.secho(f"error: {model}: no config.json", fg=typer.colors.RED, err=True)
+            raise typer.Exit(code=2)
+        overrides.append(f"model.path={model}")
+    config = _load(config_file, overrides)
+    if k > 1 and temperature == 0:
+        typer.secho("error: --k > 1 needs --temperature > 0", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=2)
+    from hapo.evaluate import EVAL_SEED, eval_problems, evaluate
+
+    data = data or config.data.train_files
+    try:
+        problems = eval_problems(data, n, EVAL_SEED if seed is None else seed)
+    except (ValueError, OSError) as exc:
+        typer.secho(f"error: --data {data}: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=2) from None
+    typer.echo(json.dumps(evaluate(config, data, problems, k, temperature, samples)))
