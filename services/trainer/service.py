@@ -7,7 +7,8 @@ queued on ``<prefix>:prompts`` (each carrying the last step's ``norm_entropys``)
 ``<prefix>:scored`` until ``data.train_batch_size`` complete groups are in; run
 ``hapo.learner.learner_step``; push the new weights to every rollout replica; append one
 JSON line to ``run_dir/<run id>/metrics.jsonl`` (with the ids of the groups trained) and
-update the Prometheus metrics; checkpoint every ``trainer.checkpoint_every`` steps.
+update the Prometheus metrics; checkpoint every ``trainer.checkpoint_every`` steps. When
+the run ends, plots and ``summary.md`` go next to the metrics (``hapo.report``).
 
 Resume is exact (details in ``services.trainer.resume``): a step's scored entries are
 acknowledged only once a checkpoint covering it is renamed into place. Started again under
@@ -47,6 +48,7 @@ from hapo.messages import (
     SamplingSettings,
     ScoredTrajectory,
 )
+from hapo.report import write_report
 from hapo.runtime import setup_logging, stop_event_on_signals
 from hapo.streams import (
     ROLLOUT_GROUP,
@@ -254,6 +256,10 @@ class TrainerService:
         finally:
             metrics_file.close()
             await asyncio.to_thread(self.learner.close)
+            try:
+                await asyncio.to_thread(write_report, self.run_dir)
+            except Exception:  # a plot must not fail the run
+                logger.exception("run %s: report not written", self.run_id)
             await self.client.aclose()
 
     def _record(
