@@ -10,21 +10,107 @@ Delivery contract shared by every service:
   slow consumer, not a dead one) can be dropped downstream.
 - An entry that cannot be decoded goes to the dead-letter stream with the reason.
 - Streams are trimmed only below the oldest entry some consumer group still needs.
+- Every service makes its client with ``connect``: a command that loses its connection
+  (Redis restarting, a network blip) is retried on a new one with backoff instead of
+  failing the service. See ``connect`` for what a retry after a lost reply does.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from hapo.messages import DeadLetter
+
+logger = logging.getLogger("hapo.streams")
 
 ROLLOUT_GROUP = "rollout"
 REWARD_GROUP = "reward"
 TRAINER_GROUP = "trainer"
+
+
+# Retry policy of every service's client: waits of 0.1, 0.2, 0.4, ... capped at 2 s. redis-py
+# applies it twice over (to each command, and to the reconnect inside each attempt), so a
+# dead server is retried for minutes before a command fails; the services' loops then log
+# and start over, and a trainer that fails resumes from its checkpoint.
+RETRY_BACKOFF_BASE_S = 0.05
+RETRY_BACKOFF_CAP_S = 2.0
+RETRIES = 20
+
+
+class CountingRetry(Retry):
+    """redis-py's ``Retry`` that counts the failures it has retried (``failures``).
+
+    One object serves every connection of a client (redis-py deep-copies a policy into
+    each connection; this one copies as itself), so ``failures`` tells a consumer whether
+    any command failed while its read was in flight: the read may then have been retried
+    after Redis delivered entries whose reply was lost.
+    """
+
+    def __init__(self, backoff: ExponentialBackoff, retries: int) -> None:
+        super().__init__(backoff, retries, (RedisConnectionError, RedisTimeoutError))
+        self.failures = 0
+
+    def __deepcopy__(self, memo: dict) -> CountingRetry:
+        return self
+
+    async def call_with_retry(self, do, fail, is_retryable=None, with_failure_count=False):
+        first = True
+
+        async def counted_fail(error, *count):
+            nonlocal first
+            self.failures += 1
+            if first:  # once per command (the reconnects inside it log their own)
+                reason = str(error) or type(error).__name__
+                logger.warning("Redis: %s; retrying with backoff", reason)
+                first = False
+            return await fail(error, *count)
+
+        return await super().call_with_retry(do, counted_fail, is_retryable, with_failure_count)
+
+
+def connect(url: str) -> aioredis.Redis:
+    """The asyncio client every service uses: commands that lose their connection
+    (``ConnectionError``, ``TimeoutError``, and ``BusyLoadingError`` while a restarted
+    server replays its AOF) are retried on a fresh connection with exponential backoff.
+
+    What a retry after a lost reply does (Redis executed the command, then died or the
+    connection broke before the reply arrived; with ``appendfsync always`` the effect is
+    on disk before the reply is sent):
+
+    - a ``MULTI``/``EXEC`` that publishes and acknowledges runs again: the ``XADD`` s add a
+      second copy of each output under new entry ids, the ``XACK`` s and ``SET`` s are
+      no-ops the second time. Every output carries its key (run, group, sample index), so
+      the copies are dropped downstream: the trainer's ``GroupAssembler`` keeps one sample
+      per index and refuses samples of groups already trained; a prompt group queued
+      twice is generated and scored twice and trained once; the reward worker scores a
+      duplicate trajectory again, which only costs time.
+    - an ``XREADGROUP`` or ``XAUTOCLAIM`` runs again: the entries of the lost reply are
+      pending at this consumer without it knowing. ``StreamConsumer`` sees the retry
+      (``CountingRetry.failures``) and replays its own pending entries next.
+    """
+    retry = CountingRetry(
+        ExponentialBackoff(cap=RETRY_BACKOFF_CAP_S, base=RETRY_BACKOFF_BASE_S), RETRIES
+    )
+    return aioredis.from_url(
+        url,
+        retry=retry,
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        socket_connect_timeout=5.0,
+    )
+
+
+def _retried_failures(client: aioredis.Redis) -> int:
+    """Failures the client's retry policy has retried so far (0 if it does not count)."""
+    return getattr(client.get_retry(), "failures", 0)
 
 
 @dataclass(frozen=True)
@@ -93,7 +179,20 @@ class StreamConsumer:
         await ensure_group(self.client, self.stream, self.group)
 
     async def read(self) -> list[Entry]:
-        """The next batch (possibly empty after ``block_ms``)."""
+        """The next batch (possibly empty after ``block_ms``).
+
+        Entries this consumer holds pending may come again (after ``recover``, or when a
+        read was retried on a new connection): callers skip those they still work on."""
+        failures = _retried_failures(self.client)
+        try:
+            return await self._read()
+        finally:
+            if _retried_failures(self.client) != failures:
+                # A command failed and was retried while this read was in flight: entries
+                # delivered in a lost reply are pending here. Replay them next.
+                self.recover()
+
+    async def _read(self) -> list[Entry]:
         while self._replaying_own:
             # Page forward through our own pending entries: a caller may keep them pending
             # across reads (the trainer does, until a checkpoint), so re-reading from "0"
