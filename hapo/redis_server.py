@@ -28,6 +28,27 @@ def redis_answers(url: str) -> bool:
         client.close()
 
 
+def server_command(
+    binary: str,
+    host: str,
+    port: int,
+    data_dir: Path,
+    *,
+    daemonize: bool = True,
+    appendfsync: str = "everysec",
+) -> list[str]:
+    """The ``redis-server`` command line of a local server: AOF persistence (fsync policy
+    ``appendfsync``) and its log in ``data_dir`` (created), no RDB snapshots. Started
+    again with the same ``data_dir`` it replays the AOF. ``daemonize=False`` keeps it in
+    the foreground, as a child whose pid the caller holds (the fault tests kill it)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return [
+        binary, "--port", str(port), "--bind", host, "--daemonize", "yes" if daemonize else "no",
+        "--dir", str(data_dir), "--appendonly", "yes", "--appendfsync", appendfsync,
+        "--save", "", "--logfile", str(data_dir / f"redis-{port}.log"),
+    ]  # fmt: skip
+
+
 def ensure_redis(url: str, data_dir: Path, timeout_s: float = 10.0) -> bool:
     """Make sure a Redis answers at ``url``; start ``redis-server`` there if it is local.
 
@@ -49,14 +70,8 @@ def ensure_redis(url: str, data_dir: Path, timeout_s: float = 10.0) -> bool:
             f"no Redis answers at {url} and redis-server is not installed "
             "(Debian: apt-get install redis-server)"
         )
-    data_dir.mkdir(parents=True, exist_ok=True)
     port = parsed.port or 6379
-    subprocess.run(
-        [binary, "--port", str(port), "--bind", parsed.hostname, "--daemonize", "yes",
-         "--dir", str(data_dir), "--appendonly", "yes", "--save", "",
-         "--logfile", str(data_dir / f"redis-{port}.log")],
-        check=True,
-    )  # fmt: skip
+    subprocess.run(server_command(binary, parsed.hostname, port, data_dir), check=True)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if redis_answers(url):
