@@ -32,9 +32,10 @@ from hapo.messages import ScoredTrajectory
 def _batch_trajectories(
     groups: int, group_size: int, prompt_len: int, response_len: int, vocab: int
 ) -> list[ScoredTrajectory]:
-    """Random full-length trajectories; each group has both rewards, so advantages are
-    nonzero."""
+    """Random full-length trajectories, a prompt per group (as the rollout makes them);
+    each group has both rewards, so advantages are nonzero."""
     rng = np.random.default_rng(0)
+    prompts = [rng.integers(1, vocab, prompt_len) for _ in range(groups)]
     return [
         ScoredTrajectory(
             run_id="bench",
@@ -43,7 +44,7 @@ def _batch_trajectories(
             n=group_size,
             policy_version=0,
             policy_version_end=0,
-            prompt_ids=rng.integers(1, vocab, prompt_len),
+            prompt_ids=prompts[group],
             response_ids=rng.integers(1, vocab, response_len),
             logprobs=np.zeros(response_len),
             finish_reason="length",
@@ -67,6 +68,7 @@ def _variant_config(args: argparse.Namespace, hapo_loss: bool) -> HapoConfig:
             f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={args.micro_batch}",
             f"actor_rollout_ref.actor.adaptive_clip={switch}",
             f"actor_rollout_ref.actor.adaptive_advantage={switch}",
+            f"trainer.precision={args.precision}",
         ]
     )
 
@@ -81,6 +83,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per variant")
     parser.add_argument("--layers", type=int, help="override num_hidden_layers")
     parser.add_argument("--hidden", type=int, help="override hidden_size (and intermediate)")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="trainer.precision of both variants")  # fmt: skip
     args = parser.parse_args(argv)
     if args.batch % args.group_size or args.batch % args.micro_batch:
         parser.error("--group-size and --micro-batch must divide --batch")

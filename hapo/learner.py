@@ -168,6 +168,49 @@ def compute_dtype(config: HapoConfig, device: torch.device) -> torch.dtype | Non
     return torch.bfloat16 if precision == "bf16" else None
 
 
+def response_hidden_states(model: nn.Module, batch: TrainingBatch) -> torch.Tensor:
+    """``[B, R, H]`` final hidden states that predict each response token (the state at
+    column ``P - 1 + t`` predicts response token ``t``), each distinct prompt run once.
+
+    The ``n`` samples of a group share their prompt, which is most of a sample's tokens on
+    short-answer tasks: the decoder runs on the ``U`` distinct prompts ``[U, P]`` with a KV
+    cache, the cache is gathered to the ``B`` rows (``index_select``, so gradients from
+    every sample add up in the shared prompt's activations), and the responses run on
+    top of it. Identical maths to one ``[B, P + R]`` forward, ~``n`` times fewer prompt
+    tokens, in the forward and the backward pass.
+    """
+    decoder = model.get_decoder()
+    prompt_width, response_width = batch.prompt_length, batch.responses.shape[1]
+    prompt_ids = batch.input_ids[:, :prompt_width]
+    prompt_mask = batch.attention_mask[:, :prompt_width]
+    _, inverse = torch.unique(torch.cat([prompt_ids, prompt_mask], dim=1), dim=0,
+                              return_inverse=True)  # fmt: skip
+    first = torch.full((int(inverse.max()) + 1,), batch.size, device=inverse.device)
+    first = first.scatter_reduce(0, inverse, torch.arange(batch.size, device=inverse.device),
+                                 reduce="amin")  # fmt: skip
+    prompt = decoder(
+        input_ids=prompt_ids[first],
+        attention_mask=prompt_mask[first],
+        position_ids=batch.position_ids[first, :prompt_width],
+        use_cache=response_width > 1,
+    )
+    last_prompt_state = prompt.last_hidden_state[inverse, -1:]
+    if response_width == 1:
+        return last_prompt_state
+    cache = prompt.past_key_values
+    cache.reorder_cache(inverse)
+    # The last response token predicts nothing: it is not fed.
+    fed = slice(prompt_width, prompt_width + response_width - 1)
+    responses = decoder(
+        input_ids=batch.input_ids[:, fed],
+        attention_mask=batch.attention_mask[:, : fed.stop],
+        position_ids=batch.position_ids[:, fed],
+        past_key_values=cache,
+        use_cache=True,
+    ).last_hidden_state
+    return torch.cat([last_prompt_state, responses], dim=1)
+
+
 def policy_log_probs(
     model: nn.Module,
     batch: TrainingBatch,
@@ -203,15 +246,8 @@ def policy_log_probs(
         raise ValueError(f"unsupported output head: bias or {extras} (logits must be hidden @ W.T)")
     device_type = batch.input_ids.device.type
     with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        hidden = model.get_decoder()(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-            use_cache=False,
-        ).last_hidden_state
-    response_width = batch.responses.shape[1]
-    start = batch.prompt_length - 1
-    rows = hidden[:, start : start + response_width].reshape(-1, hidden.shape[-1])
+        hidden = response_hidden_states(model, batch)
+    rows = hidden.reshape(-1, hidden.shape[-1])
     weight = head.weight
     if dtype is not None:
         rows, weight = rows.to(dtype), weight.to(dtype)

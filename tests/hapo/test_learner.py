@@ -173,6 +173,36 @@ def test_padded_batch_log_probs_equal_each_sample_alone(
         )
 
 
+def test_shared_prompt_forward_gives_the_full_forward_gradients(
+    model: LlamaForCausalLM, batch: TrainingBatch
+) -> None:
+    """Each group's prompt runs once (2 prompt rows, not 8), and the log-probs and their
+    gradients equal one plain ``[B, P + R]`` forward's."""
+    shapes = []
+    hook = model.get_input_embeddings().register_forward_hook(
+        lambda module, args, output: shapes.append(tuple(args[0].shape))
+    )
+    coefficients = torch.randn(batch.responses.shape, generator=torch.Generator().manual_seed(4))
+    log_prob, _ = policy_log_probs(model, batch)
+    hook.remove()
+    prompt_width, response_width = batch.prompt_length, batch.responses.shape[1]
+    assert shapes == [(2, prompt_width), (8, response_width - 1)]
+    (log_prob * coefficients * batch.response_mask).sum().backward()
+    shared = _gradients(model)
+
+    model.zero_grad(set_to_none=True)
+    logits = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+    ).logits[:, prompt_width - 1 : -1]
+    expected = logits.log_softmax(-1).gather(-1, batch.responses[..., None]).squeeze(-1)
+    mask = batch.response_mask.bool()
+    torch.testing.assert_close(log_prob[mask], expected[mask].detach(), atol=1e-5, rtol=0)
+    (expected * coefficients * batch.response_mask).sum().backward()
+    _assert_gradients_close(shared, _gradients(model))
+
+
 def _reference_grpo(batch: TrainingBatch) -> torch.Tensor:
     """verl's GRPO advantage with a loop over groups: unbiased std, eps 1e-6."""
     scores = batch.token_level_rewards.sum(-1).double()

@@ -199,14 +199,15 @@ def test_two_ray_workers_give_the_local_update(ray_cluster: None) -> None:
     assert moved > 1e-2  # SGD moved the weights by far more than the tolerance
 
     assert len(results) == steps
-    # Step 1 starts from the same weights: its statistics agree to rounding. Step 2 starts
-    # from weights that differ by the tolerance above, and a random model's log-entropies
-    # are all within ~1e-3 of log(128) (std 7e-4), so h_hat = (log H - pivot) / std
-    # magnifies those differences ~1000-fold.
-    for step, h_hat_atol in ((0, 1e-5), (1, 1e-3)):
+    # Entropies agree to fp32 rounding (a shard runs its own prompts' forward, with other
+    # shapes than the whole batch's; step 2 also starts from weights that differ by the
+    # tolerance above), and a random model's log-entropies are all within ~1e-3 of
+    # log(128) (std 7e-4), so h_hat = (log H - pivot) / std magnifies that ~1000-fold.
+    for step in (0, 1):
         ray_result, local_result = results[step], local[step]
-        assert ray_result.norm_entropys == pytest.approx(local_result.norm_entropys, rel=1e-4)
-        torch.testing.assert_close(ray_result.h_hat, local_result.h_hat, atol=h_hat_atol, rtol=0)
+        # The scales are extremes of h_hat: the same magnification (measured 2.5e-4 rel).
+        assert ray_result.norm_entropys == pytest.approx(local_result.norm_entropys, rel=1e-3)
+        torch.testing.assert_close(ray_result.h_hat, local_result.h_hat, atol=1e-3, rtol=0)
         for name in ("loss/policy_loss", "loss/grad_norm", "loss/clipfrac", "reward/mean"):
             value, expected = ray_result.metrics[name], local_result.metrics[name]
             # abs: the policy loss is a token-mean of terms ~1 that cancel to ~5e-3.
