@@ -17,7 +17,6 @@ import os
 import socket
 import time
 
-import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from tokenizers import Tokenizer
@@ -32,6 +31,7 @@ from hapo.streams import (
     Entry,
     StreamConsumer,
     StreamNames,
+    connect,
     ensure_group,
     trim_acknowledged,
 )
@@ -73,7 +73,7 @@ class RewardWorker:
     def __init__(self, config: HapoConfig, consumer_name: str | None = None) -> None:
         self.config = config
         self.names = StreamNames(config.redis.stream_prefix)
-        self.client = aioredis.from_url(config.redis.url)
+        self.client = connect(config.redis.url)
         self.consumer = StreamConsumer(
             self.client,
             self.names.trajectories,
