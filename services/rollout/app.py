@@ -3,12 +3,14 @@ routes the trainer drives (bearer token required)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import redis.asyncio as aioredis
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, HTTPException, Request, status
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import BaseModel, Field, SecretStr
 from vllm.distributed.weight_transfer.base import (
@@ -18,6 +20,8 @@ from vllm.distributed.weight_transfer.base import (
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from hapo.http import Readiness, add_probe_routes, bearer_auth, redis_answers
+
+logger = logging.getLogger("hapo.rollout")
 
 
 @dataclass
@@ -55,13 +59,109 @@ class RolloutMetrics:
 
 @dataclass
 class RolloutState:
-    """What the endpoints read and the weight routes change."""
+    """What the endpoints read, and the weight update the routes drive.
+
+    An update is ``begin`` (pause generation, vLLM's ``start_weight_update``), ``receive``
+    (any number), ``finish``. Generation must never stay paused because the trainer went
+    away mid-update (killed, or this replica restarted under it): an update whose
+    receiving fails, one not finished within ``update_timeout_s``, and one still open when
+    the next begins are rolled back (``_roll_back``) and generation resumes.
+    """
 
     engine: AsyncLLM
     client: aioredis.Redis
     metrics: RolloutMetrics
     policy_version: int = 0
     update_started: float | None = None
+    """When the open update paused generation; None while no update is open."""
+    update_timeout_s: float = 120.0
+    _session: bool = field(default=False, init=False)
+    """Whether vLLM's update session is open (it closes it itself when receiving fails)."""
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
+    _expiry: asyncio.Task | None = field(default=None, init=False)
+
+    async def begin(self) -> None:
+        async with self._lock:
+            if self.update_started is not None:
+                await self._roll_back("a new update began before the last one finished")
+            self.update_started = time.monotonic()
+            await self.engine.pause_generation(mode="keep", clear_cache=True)
+            try:
+                await self.engine.start_weight_update()
+            except BaseException:
+                await self._end(resume=True)
+                raise
+            self._session = True
+            started = self.update_started
+            self._expiry = asyncio.create_task(self._expire(started))
+
+    async def receive(self, request: WeightTransferUpdateRequest) -> None:
+        async with self._lock:
+            self._require_open()
+            try:
+                await self.engine.update_weights(request)
+            except BaseException:
+                self._session = False  # vLLM ended the session when its worker raised
+                await self._roll_back("receiving the weights failed")
+                raise
+
+    async def finish(self, weight_version: str | None) -> float:
+        """Load what was received, adopt ``weight_version``, resume; the seconds paused."""
+        async with self._lock:
+            self._require_open()
+            started = self.update_started
+            try:
+                await self.engine.finish_weight_update(weight_version)
+            except BaseException:
+                self._session = False
+                await self._roll_back("finishing the update failed")
+                raise
+            self._session = False
+            if weight_version is not None:
+                self.policy_version = int(weight_version)
+                self.metrics.policy_version.set(self.policy_version)
+            await self._end(resume=True)
+            paused = time.monotonic() - started
+            self.metrics.weight_update_seconds.observe(paused)
+            return paused
+
+    def _require_open(self) -> None:
+        if self.update_started is None:
+            raise HTTPException(status.HTTP_409_CONFLICT, "no weight update is open: start one")
+
+    async def _expire(self, started: float) -> None:
+        await asyncio.sleep(self.update_timeout_s)
+        async with self._lock:
+            if self.update_started == started:
+                self._expiry = None  # this task: not to be cancelled by _end
+                await self._roll_back(f"not finished within {self.update_timeout_s:.0f} s")
+
+    async def _roll_back(self, why: str) -> None:
+        """Close the open update keeping the weights this replica has, and resume.
+
+        vLLM has moved every layer aside for loading; a session finished without new
+        weights for a layer puts its previous weights back (after a transfer that failed
+        midway, the layers it completed keep their new weights). ``policy_version`` stays:
+        trajectories still record their true behaviour log-probs, so the trainer's
+        importance ratios hold either way.
+        """
+        logger.warning("weight update abandoned (%s): keeping the weights, resuming", why)
+        try:
+            if not self._session:
+                await self.engine.start_weight_update()
+            self._session = False
+            await self.engine.finish_weight_update(None)
+        finally:
+            self._session = False
+            await self._end(resume=True)
+
+    async def _end(self, *, resume: bool) -> None:
+        self.update_started = None
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        if resume:
+            await self.engine.resume_generation()
 
 
 class RolloutReadiness(Readiness):
@@ -121,31 +221,23 @@ def create_app(state: RolloutState, token: SecretStr | None) -> FastAPI:
 
     @app.post("/v1/weights/start", dependencies=admin)
     async def start_update(state: State) -> WeightsResponse:
-        """Pause generation, keeping in-flight requests, and prepare to receive."""
-        state.update_started = time.monotonic()
-        await state.engine.pause_generation(mode="keep", clear_cache=True)
-        await state.engine.start_weight_update()
+        """Pause generation, keeping in-flight requests, and prepare to receive. An update
+        left open by a trainer that went away is rolled back first."""
+        await state.begin()
         return WeightsResponse(policy_version=state.policy_version)
 
     @app.post("/v1/weights/update", dependencies=admin)
     async def update_weights(body: UpdateWeightsRequest, state: State) -> WeightsResponse:
-        """Receive weights (runs while the trainer sends)."""
-        await state.engine.update_weights(WeightTransferUpdateRequest(body.update_info))
+        """Receive weights (runs while the trainer sends). On failure the update is rolled
+        back and generation resumes; 409 if no update is open."""
+        await state.receive(WeightTransferUpdateRequest(body.update_info))
         return WeightsResponse(policy_version=state.policy_version)
 
     @app.post("/v1/weights/finish", dependencies=admin)
     async def finish_update(body: FinishWeightsRequest, state: State) -> WeightsResponse:
-        """Load what was received, adopt the new policy version, resume generation."""
-        await state.engine.finish_weight_update(body.weight_version)
-        if body.weight_version is not None:
-            state.policy_version = int(body.weight_version)
-            state.metrics.policy_version.set(state.policy_version)
-        await state.engine.resume_generation()
-        paused = None
-        if state.update_started is not None:
-            paused = time.monotonic() - state.update_started
-            state.metrics.weight_update_seconds.observe(paused)
-            state.update_started = None
+        """Load what was received, adopt the new policy version, resume generation; 409 if
+        no update is open."""
+        paused = await state.finish(body.weight_version)
         return WeightsResponse(policy_version=state.policy_version, paused_seconds=paused)
 
     return app

@@ -20,7 +20,6 @@ import socket
 import time
 import uuid
 
-import redis.asyncio as aioredis
 import torch
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -36,6 +35,7 @@ from hapo.streams import (
     Entry,
     StreamConsumer,
     StreamNames,
+    connect,
     ensure_group,
 )
 from services.rollout.app import RolloutMetrics, RolloutState, create_app
@@ -79,7 +79,7 @@ class RolloutService:
         self.config = config
         self.engine = engine
         self.names = StreamNames(config.redis.stream_prefix)
-        self.client = aioredis.from_url(config.redis.url)
+        self.client = connect(config.redis.url)
         self.max_in_flight = config.rollout.max_groups_in_flight
         self.seeds_allowed = torch.cuda.is_available()
         self.consumer = StreamConsumer(
@@ -90,8 +90,15 @@ class RolloutService:
             batch_size=self.max_in_flight,
             reclaim_idle_ms=int(config.rollout.reclaim_idle_s * 1000),
         )
-        self.state = RolloutState(engine=engine, client=self.client, metrics=RolloutMetrics())
+        self.state = RolloutState(
+            engine=engine, client=self.client, metrics=RolloutMetrics(),
+            update_timeout_s=config.trainer.weight_sync_timeout_s,
+        )  # fmt: skip
         self._groups: set[asyncio.Task] = set()
+        self._generating: set[bytes] = set()
+        """Ids of the prompt entries being generated: a replay of this consumer's pending
+        entries (after a Redis failure, or its own entries reclaimed once idle for
+        ``reclaim_idle_s``) returns them again, and they must not start a second time."""
 
     async def run(self, stop: asyncio.Event) -> None:
         """Generate until ``stop``; unfinished groups stay pending for the next replica."""
@@ -123,6 +130,8 @@ class RolloutService:
         entries = await self.consumer.read()
         rejected = []
         for entry in entries:
+            if entry.id in self._generating:
+                continue
             try:
                 group = PromptGroup.decode(entry.fields)
                 params = [
@@ -134,7 +143,8 @@ class RolloutService:
                 continue
             task = asyncio.create_task(self._generate_group(entry, group, params))
             self._groups.add(task)
-            task.add_done_callback(self._group_done)
+            self._generating.add(entry.id)
+            task.add_done_callback(lambda done, entry_id=entry.id: self._group_done(done, entry_id))
         if rejected:
             pipe = self.client.pipeline(transaction=True)
             for entry, reason in rejected:
@@ -145,8 +155,9 @@ class RolloutService:
         self.state.metrics.groups_in_flight.set(len(self._groups))
         await self._report_lag()
 
-    def _group_done(self, task: asyncio.Task) -> None:
+    def _group_done(self, task: asyncio.Task, entry_id: bytes) -> None:
         self._groups.discard(task)
+        self._generating.discard(entry_id)
         self.state.metrics.groups_in_flight.set(len(self._groups))
         if not task.cancelled() and task.exception() is not None:
             # The prompt stays pending and is retried after reclaim_idle_s.
