@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 
 from hapo.messages import ScoredTrajectory
+from hapo.redis_server import redis_answers, server_command
 
 
 def free_port() -> int:
@@ -55,3 +60,57 @@ def scored_trajectories(
                 )
             )
     return trajectories
+
+
+def metrics_lines(path: Path) -> list[dict]:
+    """The complete lines of a run's ``metrics.jsonl`` (none if it does not exist yet; a
+    line cut short by a kill is left out)."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+def trained_group_ids(lines: Sequence[dict]) -> list[str]:
+    """The ``data/group_ids`` of every line, in training order."""
+    return [group for line in lines for group in line["data/group_ids"]]
+
+
+def assert_each_group_trained_once(lines: Sequence[dict], groups: int) -> None:
+    """The lines train group ids ``1..groups`` (as the trainer issues them, ``%08d``), each
+    exactly once: none lost, none trained twice."""
+    trained = trained_group_ids(lines)
+    twice = sorted({group for group in trained if trained.count(group) > 1})
+    expected = [f"{n:08d}" for n in range(1, groups + 1)]
+    missing = sorted(set(expected) - set(trained))
+    assert not twice and not missing and sorted(trained) == expected, (
+        f"trained twice: {twice}, never trained: {missing}, trained: {trained}"
+    )
+
+
+class RedisServer:
+    """A private ``redis-server`` (AOF on, fsync on every write) on a free port, in the
+    foreground as this process's child, so a test can SIGKILL it and start it again on
+    the same port and directory."""
+
+    def __init__(self, data_dir: Path) -> None:
+        binary = shutil.which("redis-server")
+        assert binary is not None, "redis-server is not installed (Debian: redis-server)"
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.command = server_command(
+            binary, "127.0.0.1", self.port, data_dir, daemonize=False, appendfsync="always"
+        )
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> RedisServer:
+        self.process = subprocess.Popen(
+            self.command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+        )
+        wait_for(lambda: redis_answers(self.url), 20, f"redis-server on port {self.port}")
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no final save; only what the AOF holds survives."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(10)
