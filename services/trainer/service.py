@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import uuid
 from pathlib import Path
 from typing import Any, TextIO
@@ -115,6 +116,9 @@ class TrainerService:
         self.weights = WeightPusher(config, self.model)
         self.learner: Learner | None = None
         """Started by ``run`` (Ray workers take a while), closed when it returns."""
+        self.last_step_end = 0.0
+        """``time.monotonic()`` when the last step was recorded (or the learner started):
+        ``perf/wall_step_s`` is the whole step as the run sees it, waiting included."""
 
     def _prompt_group(self) -> PromptGroup:
         data, rollout = self.config.data, self.config.actor_rollout_ref.rollout
@@ -225,6 +229,7 @@ class TrainerService:
         self.learner = await asyncio.to_thread(
             make_learner, self.model, self.optimizer, self.scheduler, self.config
         )
+        self.last_step_end = time.monotonic()
         metrics_file = metrics_path.open("a")
         total = self.config.trainer.total_steps
         logger.info("run %s: steps %d-%d into %s", self.run_id, self.step + 1, total,
@@ -272,8 +277,11 @@ class TrainerService:
     ) -> None:
         """The step's JSONL line, Prometheus metrics and log line."""
         staleness = [self.policy_version - 1 - s.policy_version for s in samples]
+        now = time.monotonic()
+        wall_s, self.last_step_end = now - self.last_step_end, now
         line = {
-            "step": self.step, "policy_version": self.policy_version, **result.metrics,
+            "step": self.step, "time": time.time(), "policy_version": self.policy_version,
+            **result.metrics, "perf/wall_step_s": wall_s,
             **h_hat_summary(result.h_hat), "perf/weight_sync_s": sync_s,
             "staleness/mean": sum(staleness) / len(staleness), "staleness/max": max(staleness),
             "data/duplicates": self.groups.duplicates, "data/group_ids": group_ids,
