@@ -53,6 +53,7 @@ class OutputFormat(enum.StrEnum):
 
 class Benchmark(enum.StrEnum):
     advantage = "advantage"
+    compare = "compare"
     entropy = "entropy"
     reward = "reward"
     rollout = "rollout"

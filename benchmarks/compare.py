@@ -1,0 +1,150 @@
+"""Two variants of the whole stack, one after the other with the same seed and budget.
+
+    hapo bench compare --pair hapo-grpo  [--steps 20] [--run-dir DIR] [-- overrides ...]
+    hapo bench compare --pair async-sync [--steps 20] [--run-dir DIR] [-- overrides ...]
+
+Each variant is ``hapo up --steps N`` (all three services as processes, the default
+config plus the shared overrides plus the variant's own) under ``DIR/<variant>/``. Pairs:
+
+- ``hapo-grpo``: HAPO (every part on, the default) vs GRPO (``adv_estimator=grpo``, fixed
+  temperature, no adaptive clip or advantage): reward per step, both curves in one plot.
+- ``async-sync``: ``trainer.max_staleness=1`` (the rollout samples the next step's groups
+  while the learner trains) vs ``0`` (on-policy: it waits): end-to-end steps per hour.
+
+Steps per hour count wall time between the first and the last step's metrics lines (the
+first step, which includes the engines' warm-up, is the start mark). Writes
+``DIR/compare.md`` and ``DIR/compare_reward.png``; last line:
+{"bench": "compare", "pair": P, "<a>": {...}, "<b>": {...}, "steps_per_hour_ratio": a / b}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from hapo.report import columns, moving_average, read_metrics
+
+PAIRS: dict[str, dict[str, list[str]]] = {
+    "hapo-grpo": {
+        "hapo": [],
+        "grpo": [
+            "algorithm.adv_estimator=grpo",
+            "actor_rollout_ref.rollout.adaptive_temperature=false",
+            "actor_rollout_ref.actor.adaptive_clip=false",
+            "actor_rollout_ref.actor.adaptive_advantage=false",
+        ],
+    },
+    "async-sync": {
+        "async": ["trainer.max_staleness=1"],
+        "sync": ["trainer.max_staleness=0"],
+    },
+}
+LAST_STEPS = 5
+"""Steps averaged for the "final reward" figure."""
+
+
+def run_variant(name: str, overrides: list[str], steps: int, run_dir: Path) -> Path:
+    """``hapo up`` for one variant; returns its metrics file."""
+    hapo = str(Path(sys.executable).with_name("hapo"))
+    command = [hapo, "up", "--steps", str(steps), "--run-dir", str(run_dir), *overrides,
+               f"trainer.run_id={name}"]  # fmt: skip
+    print(f"[{name}] {' '.join(command[1:])}", flush=True)
+    started = time.monotonic()
+    with (run_dir / f"{name}.up.log").open("w") as log:
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+    if code:
+        raise SystemExit(f"[{name}] hapo up exited with {code}: see {run_dir}/{name}.up.log")
+    print(f"[{name}] done in {time.monotonic() - started:.0f} s", flush=True)
+    return run_dir / name / "metrics.jsonl"
+
+
+def summarise(metrics: Path) -> dict[str, float]:
+    """Steps/hour, rewards and timings of one variant's run."""
+    records, _ = read_metrics(metrics)
+    cols = columns(records)
+    times, reward = cols["time"], cols["reward/mean"]
+    if len(times) < 2:
+        raise SystemExit(f"{metrics}: fewer than 2 steps, no rate to measure")
+    return {
+        "steps": float(len(reward)),
+        "steps_per_hour": round(3600 * (len(times) - 1) / (times[-1] - times[0]), 1),
+        "reward_first": round(float(reward[0]), 4),
+        f"reward_last{LAST_STEPS}": round(float(reward[-LAST_STEPS:].mean()), 4),
+        "reward_mean": round(float(reward.mean()), 4),
+        "learner_s_median": round(float(np.median(cols["perf/step_s"])), 2),
+        "wall_step_s_median": round(float(np.median(cols["perf/wall_step_s"][1:])), 2),
+        "response_length_last": round(float(cols["reward/response_length_mean"][-1]), 1),
+    }
+
+
+def plot(runs: dict[str, Path], path: Path) -> None:
+    """Both variants' reward (batch mean, faint, and 5-step moving average) per step."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4))
+    axes = figure.subplots()
+    for index, (name, metrics) in enumerate(runs.items()):
+        cols = columns(read_metrics(metrics)[0])
+        colour = f"C{index}"
+        axes.plot(cols["step"], cols["reward/mean"], color=colour, alpha=0.3)
+        smooth = moving_average(cols["reward/mean"], LAST_STEPS)
+        axes.plot(cols["step"], smooth, color=colour, label=f"{name} ({LAST_STEPS}-step mean)")
+    axes.set(xlabel="step", ylabel="mean reward of the step's samples", title="Reward")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        prog="hapo bench compare",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--pair", choices=sorted(PAIRS), required=True)
+    parser.add_argument("--steps", type=int, default=20, help="training steps per variant")
+    parser.add_argument("--run-dir", type=Path, default=Path("runs/compare"))
+    parser.add_argument("overrides", nargs="*", help="config overrides for both variants")
+    args = parser.parse_args(argv)
+    if args.steps < 2:
+        parser.error("--steps must be >= 2 (a rate needs two steps)")
+    run_dir = args.run_dir / args.pair
+    run_dir.mkdir(parents=True, exist_ok=True)
+    variants = PAIRS[args.pair]
+    runs = {
+        name: run_variant(name, [*args.overrides, *own], args.steps, run_dir)
+        for name, own in variants.items()
+    }
+    summaries = {name: summarise(metrics) for name, metrics in runs.items()}
+    plot(runs, run_dir / "compare_reward.png")
+    first, second = variants
+    result = {
+        "bench": "compare",
+        "pair": args.pair,
+        **summaries,
+        "steps_per_hour_ratio": round(
+            summaries[first]["steps_per_hour"] / summaries[second]["steps_per_hour"], 3
+        ),
+    }
+    table = ["| variant | " + " | ".join(summaries[first]) + " |",
+             "|---|" + "---|" * len(summaries[first])]  # fmt: skip
+    table += [f"| {name} | " + " | ".join(str(v) for v in s.values()) + " |"
+              for name, s in summaries.items()]  # fmt: skip
+    (run_dir / "compare.md").write_text(
+        f"# {args.pair}: {args.steps} steps each\n\noverrides: {args.overrides}\n\n"
+        + "\n".join(table) + "\n\n![reward](compare_reward.png)\n"
+    )  # fmt: skip
+    print("\n".join(table))
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
