@@ -7,7 +7,10 @@ import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -57,3 +60,15 @@ def problem_stream(spec: str, seed: int) -> Iterator[Problem]:
         rng.shuffle(order)
         for index in order:
             yield problems[index]
+
+
+def chat_prompt_ids(
+    tokenizer: PreTrainedTokenizerBase, question: str, max_prompt_length: int
+) -> list[int]:
+    """The question as a user turn under the model's chat template, ready for the
+    assistant's answer; its last ``max_prompt_length`` tokens. Training and ``hapo eval``
+    both prompt this way."""
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True,
+        return_dict=True,
+    )["input_ids"][-max_prompt_length:]  # fmt: skip

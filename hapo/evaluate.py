@@ -32,11 +32,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hapo.config import HapoConfig
-from hapo.data import Problem, problem_stream
+from hapo.data import Problem, chat_prompt_ids, problem_stream
 from hapo.rewards import RewardFunction
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
     from vllm import SamplingParams
     from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -114,16 +113,6 @@ class ProblemResult:
         return sum(self.rewards) / len(self.rewards)
 
 
-def prompt_ids(
-    tokenizer: PreTrainedTokenizerBase, question: str, max_prompt_length: int
-) -> list[int]:
-    """The question under the chat template, as the trainer queues it (``_prompt_group``)."""
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True,
-        return_dict=True,
-    )["input_ids"][-max_prompt_length:]  # fmt: skip
-
-
 async def _generate(
     engine: AsyncLLM, prompts: list[list[int]], params: SamplingParams, k: int
 ) -> list[list[list[int]]]:
@@ -163,7 +152,8 @@ async def sample_and_score(
     from services.reward.worker import load_tokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(config.model.local_path)
-    prompts = [prompt_ids(tokenizer, p.question, config.data.max_prompt_length) for p in problems]
+    max_prompt_length = config.data.max_prompt_length
+    prompts = [chat_prompt_ids(tokenizer, p.question, max_prompt_length) for p in problems]
     params = SamplingParams(
         temperature=temperature,
         max_tokens=config.data.max_response_length,

@@ -40,7 +40,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hapo.config import HapoConfig
-from hapo.data import problem_stream
+from hapo.data import chat_prompt_ids, problem_stream
 from hapo.learner import LearnerStepResult, build_batch, learner_device, make_optimizer
 from hapo.messages import (
     AdaptiveTemperature,
@@ -123,29 +123,19 @@ class TrainerService:
     def _prompt_group(self) -> PromptGroup:
         data, rollout = self.config.data, self.config.actor_rollout_ref.rollout
         question, answer = next(self.problems)
-        prompt_ids = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True,
-            return_dict=True,
-        )["input_ids"][-data.max_prompt_length :]  # fmt: skip
         self.groups_queued += 1  # the ids are 1, 2, ...: resume depends on it
-        return PromptGroup(
-            run_id=self.run_id,
-            group_id=f"{self.groups_queued:08d}",
-            prompt_ids=prompt_ids,
-            answer=answer,
-            n=rollout.n,
-            policy_version=self.policy_version,
-            sampling=SamplingSettings(
-                temperature=rollout.temperature,
-                top_p=rollout.top_p,
-                max_tokens=data.max_response_length,
-                adaptive=AdaptiveTemperature(
-                    adaptive_temperature=rollout.adaptive_temperature,
-                    temperature_tau=rollout.temperature_tau,
-                    norm_entropys=self.norm_entropys,
-                ),
-            ),
+        adaptive = AdaptiveTemperature(
+            adaptive_temperature=rollout.adaptive_temperature,
+            temperature_tau=rollout.temperature_tau,
+            norm_entropys=self.norm_entropys,
         )
+        return PromptGroup(
+            run_id=self.run_id, group_id=f"{self.groups_queued:08d}",
+            prompt_ids=chat_prompt_ids(self.tokenizer, question, data.max_prompt_length),
+            answer=answer, n=rollout.n, policy_version=self.policy_version,
+            sampling=SamplingSettings(temperature=rollout.temperature, top_p=rollout.top_p,
+                                      max_tokens=data.max_response_length, adaptive=adaptive),
+        )  # fmt: skip
 
     async def _queue_prompts(self, step: int) -> None:
         """Queue groups so that steps up to ``step + max_staleness`` have theirs."""

@@ -18,13 +18,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hapo.data import problem_stream
+from hapo.data import chat_prompt_ids, problem_stream
 from hapo.evaluate import (
     EVAL_SEED,
     Z_95,
     confidence_interval,
     eval_problems,
-    prompt_ids,
     sample_and_score,
     wilson_interval,
 )
@@ -142,7 +141,7 @@ def transformers_greedy(model_dir: Path, questions: list[str]) -> list[str]:
     decoder = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     texts = []
     for question in questions:
-        ids = torch.tensor([prompt_ids(tokenizer, question, 256)])
+        ids = torch.tensor([chat_prompt_ids(tokenizer, question, 256)])
         with torch.no_grad():
             out = model.generate(ids, max_new_tokens=MAX_TOKENS, do_sample=False)
         texts.append(decoder.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True))
