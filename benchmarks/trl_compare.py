@@ -1,0 +1,335 @@
+"""HAPO-RL's whole stack vs TRL's ``GRPOTrainer`` on the same model, task and batch.
+
+    .venv/bin/python -m benchmarks.trl_compare --steps 3
+        [--skip-trl] [--skip-hapo] [--trl-venv ~/.cache/hapo/trl-venv]
+        [--trl-gradient-checkpointing] [--hapo-overrides rollout.dtype=float32 ...]
+
+TRL lives in its own venv (created once with ``python3 -m venv``: ``torch==2.13.0`` first,
+the CPU wheel, then ``benchmarks/trl_requirements.txt`` under ``constraints/cpu.txt``; a
+second run installs nothing) and runs in it as a subprocess: this file with ``--worker``,
+reporting each step's wall time as a JSON line. Then ``hapo up --steps S+1`` runs with
+``rollout.n=8 data.train_batch_size=8 data.max_response_length=64``; a step's wall time is
+the time between two lines of its ``metrics.jsonl`` (polled every 0.1 s). Both sides run
+S + 1 steps and the first (start-up, warm-up) is left out of every figure. Last line:
+{"bench": "trl_compare", "hapo_steps_per_hour": X, "trl_steps_per_hour": Y, "speedup": X/Y, ...}
+
+Matched: the model folder (``model.local_path``, fp32 CPU weights for TRL's generation and
+both learners), the problems (``problem_stream(data.train_files, seed)``, in order, under
+the tokenizer's chat template), 8 prompts x 8 samples a step, at most 64 new tokens,
+temperature 1.0, top-p 1.0, one optimizer step a batch on micro-batches of
+``ppo_micro_batch_size_per_gpu`` samples, AdamW with hapo's lr / weight decay / warm-up
+steps / grad clip / clip ratios, no KL and no reference model, and the reward: exact match
+of the last integer (``hapo.rewards.fast_integer_answer`` against ``gold_integer``).
+
+Not matched: TRL generates with transformers ``generate`` in fp32 in the learner's process,
+then trains, strictly in turn; hapo samples with vLLM (``rollout.dtype``, bf16 by default)
+in its own process with the adaptive temperature, up to ``trainer.max_staleness`` steps
+ahead of the learner, and pushes the weights back after every step. Losses differ: TRL's
+``loss_type="dapo"`` vs HAPO's loss (adaptive advantage and clip, entropy in the forward);
+TRL's warm-up starts at lr 0 (``constant_with_warmup``), hapo's at lr / warm-up steps.
+TRL's gradient checkpointing (its default) is off, as hapo has none, unless
+``--trl-gradient-checkpointing``. hapo's reward service falls back to math-verify for
+answers that are not plain integers (scored 0 by the TRL side).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+REQUIREMENTS = REPO / "benchmarks" / "trl_requirements.txt"
+CONSTRAINTS = REPO / "constraints" / "cpu.txt"
+PROMPTS, GROUP, MAX_NEW_TOKENS = 8, 8, 64
+MATCHING = (f"actor_rollout_ref.rollout.n={GROUP}", f"data.train_batch_size={PROMPTS}",
+            f"data.max_response_length={MAX_NEW_TOKENS}")  # fmt: skip
+STEP_PREFIX = "TRL_STEP "
+WARMUP_STEPS = 1
+
+
+def integer_reward(response: str, answer: str) -> float:
+    """1.0 when the response's last number is the gold integer, as hapo's fast path decides."""
+    from hapo.rewards import fast_integer_answer, gold_integer
+
+    gold = gold_integer(answer)
+    return float(gold is not None and fast_integer_answer(response) == gold)
+
+
+def summarize(records: list[dict[str, Any]], warmup: int = WARMUP_STEPS) -> dict[str, Any]:
+    """Figures of the steps after ``warmup``: each record has ``step_s``, ``gen_tokens`` and
+    ``reward``; NaN where no step is left."""
+    timed = records[warmup:]
+    total = sum(r["step_s"] for r in timed)
+    tokens = sum(r["gen_tokens"] for r in timed)
+    nan = float("nan")
+    return {
+        "steps": len(timed),
+        "s_per_step": total / len(timed) if timed else nan,
+        "steps_per_hour": 3600 * len(timed) / total if total > 0 else nan,
+        "gen_tokens_per_s": tokens / total if total > 0 else nan,
+        "response_length_mean": tokens / (len(timed) * PROMPTS * GROUP) if timed else nan,
+        "reward_mean": sum(r["reward"] for r in timed) / len(timed) if timed else nan,
+        "warmup_s": sum(r["step_s"] for r in records[:warmup]) if records else nan,
+    }
+
+
+def hapo_records(lines: list[dict[str, Any]], arrivals: list[float], start: float) -> list[dict]:
+    """Per-step records of hapo's metrics lines: wall time between consecutive lines (the
+    first from ``start``), generated tokens = mean response length x samples."""
+    records, previous = [], start
+    for line, arrived in zip(lines, arrivals, strict=True):
+        records.append({
+            "step_s": arrived - previous,
+            "gen_tokens": line["reward/response_length_mean"] * line.get("perf/samples", 0.0),
+            "reward": line["reward/mean"], "learner_s": line["perf/step_s"],
+        })  # fmt: skip
+        previous = arrived
+    return records
+
+
+def _finite(value: float) -> float | None:
+    return value if isinstance(value, int | float) and math.isfinite(value) else None
+
+
+def result_line(hapo: dict[str, Any] | None, trl: dict[str, Any] | None, steps: int) -> dict:
+    """The closing JSON object; a skipped side (None) or a missing figure is null."""
+    line: dict[str, Any] = {"bench": "trl_compare", "steps": steps}
+    for name, side in (("hapo", hapo), ("trl", trl)):
+        for key in ("steps_per_hour", "s_per_step", "gen_tokens_per_s", "reward_mean"):
+            line[f"{name}_{key}"] = _finite(side[key]) if side else None
+    hapo_rate, trl_rate = line["hapo_steps_per_hour"], line["trl_steps_per_hour"]
+    line["speedup"] = hapo_rate / trl_rate if hapo_rate and trl_rate else None
+    return line
+
+
+def table(hapo: dict[str, Any] | None, trl: dict[str, Any] | None) -> str:
+    """The two sides' figures side by side."""
+    rows = (("steps timed", "steps", "{:.0f}"), ("s/step", "s_per_step", "{:.1f}"),
+            ("steps/hour", "steps_per_hour", "{:.1f}"),
+            ("generated tokens/s", "gen_tokens_per_s", "{:.1f}"),
+            ("response length", "response_length_mean", "{:.1f}"),
+            ("reward mean", "reward_mean", "{:.3f}"),
+            ("warm-up step s", "warmup_s", "{:.1f}"))  # fmt: skip
+    out = [f"{'':<20}{'hapo':>12}{'trl':>12}"]
+    for title, key, fmt in rows:
+        cells = [fmt.format(side[key]) if side else "skipped" for side in (hapo, trl)]
+        out.append(f"{title:<20}{cells[0]:>12}{cells[1]:>12}")
+    return "\n".join(out)
+
+
+def ensure_trl_venv(venv: Path) -> Path:
+    """TRL's venv, installed once (a stamp keyed on the pins); returns its python."""
+    python, stamp = venv / "bin" / "python", venv / ".hapo-trl-installed"
+    key = hashlib.sha256(REQUIREMENTS.read_bytes() + CONSTRAINTS.read_bytes()).hexdigest()
+    if python.exists() and stamp.is_file() and stamp.read_text() == key:
+        print(f"[trl] venv {venv} up to date", flush=True)
+        return python
+    if not python.exists():
+        print(f"[trl] creating {venv}", flush=True)
+        subprocess.run([shutil.which("python3") or sys.executable, "-m", "venv", venv], check=True)
+    pip = [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    print("[trl] installing torch==2.13.0, then TRL's pins (minutes, once)", flush=True)
+    subprocess.run([*pip, "torch==2.13.0"], check=True)
+    subprocess.run([*pip, "-r", REQUIREMENTS, "-c", CONSTRAINTS], check=True)
+    subprocess.run([python, "-m", "pip", "uninstall", "--quiet", "--yes", "torchvision",
+                    "torchaudio", "torchcodec"], check=False, capture_output=True)  # fmt: skip
+    stamp.write_text(key)
+    return python
+
+
+def run_trl(python: Path, spec: dict[str, Any], workdir: Path) -> list[dict[str, Any]]:
+    """Runs the worker in TRL's venv; returns its per-step records."""
+    (workdir / "trl_spec.json").write_text(json.dumps(spec))
+    log = workdir / "trl_worker.log"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+    print(f"[trl] GRPOTrainer, {spec['steps']} steps; log {log}", flush=True)
+    records: list[dict[str, Any]] = []
+    with log.open("w") as stderr:
+        worker = subprocess.Popen(
+            [python, __file__, "--worker", workdir / "trl_spec.json"],
+            stdout=subprocess.PIPE, stderr=stderr, text=True, env=env, cwd=workdir,
+        )  # fmt: skip
+        assert worker.stdout is not None
+        for raw in worker.stdout:
+            if not raw.startswith(STEP_PREFIX):
+                print(f"[trl] {raw.rstrip()}", flush=True)
+                continue
+            record = json.loads(raw.removeprefix(STEP_PREFIX))
+            records.append(record)
+            print(f"[trl] step {record['step']}: {record['step_s']:.1f} s (generate "
+                  f"{record['gen_s']:.1f} s, {record['gen_tokens']} tokens), reward "
+                  f"{record['reward']:.3f}", flush=True)  # fmt: skip
+    if worker.wait() != 0:
+        sys.exit(f"TRL worker failed ({worker.returncode}):\n" + log.read_text()[-4000:])
+    return records
+
+
+def run_hapo(steps: int, overrides: list[str], workdir: Path) -> list[dict[str, Any]]:
+    """``hapo up`` for ``steps`` steps; per-step records timed by the metrics lines."""
+    run_id = f"trl-compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    metrics = workdir / run_id / "metrics.jsonl"
+    command = [str(Path(sys.executable).with_name("hapo")), "up", "--steps", str(steps),
+               "--run-dir", str(workdir), *MATCHING, f"trainer.run_id={run_id}",
+               *overrides]  # fmt: skip
+    print(f"[hapo] {' '.join(command)}", flush=True)
+    lines: list[dict[str, Any]] = []
+    arrivals: list[float] = []
+    start = time.monotonic()
+    with (workdir / "hapo_up.log").open("w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            while True:
+                done = process.poll() is not None
+                text = metrics.read_text() if metrics.exists() else ""
+                complete = text[: text.rfind("\n") + 1].splitlines()  # no half-written line
+                for raw in complete[len(lines) :]:
+                    lines.append(json.loads(raw))
+                    arrivals.append(time.monotonic())
+                    step_s = arrivals[-1] - (arrivals[-2] if len(arrivals) > 1 else start)
+                    print(f"[hapo] step {lines[-1]['step']}: {step_s:.1f} s (learner "
+                          f"{lines[-1]['perf/step_s']:.1f} s), reward "
+                          f"{lines[-1]['reward/mean']:.3f}", flush=True)  # fmt: skip
+                if done:
+                    break
+                time.sleep(0.1)
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGINT)  # hapo up stops its services
+                process.wait()
+    if process.returncode != 0 or len(lines) < steps:
+        sys.exit(f"hapo up failed ({process.returncode}); see {workdir / 'hapo_up.log'}")
+    return hapo_records(lines, arrivals, start)
+
+
+def _worker(spec_file: Path) -> None:
+    """Inside TRL's venv: GRPOTrainer for ``spec['steps']`` steps, a JSON line a step."""
+    import resource
+
+    import torch
+    import transformers
+    import trl
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+    spec = json.loads(spec_file.read_text())
+    print(f"trl {trl.__version__}, transformers {transformers.__version__}, torch "
+          f"{torch.__version__}, {torch.get_num_threads()} threads", flush=True)  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(spec["model_path"])
+    model = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=torch.float32)
+    tally = {"gen_s": 0.0, "gen_tokens": 0, "reward": 0.0, "scored": 0}
+    generate = model.generate
+
+    def timed_generate(*args: Any, **kwargs: Any) -> Any:
+        begin = time.perf_counter()
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            tally["gen_s"] += time.perf_counter() - begin
+
+    model.generate = timed_generate
+
+    def correctness(completions: list, completion_ids: list, answer: list, **_: Any) -> list:
+        texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+        rewards = [integer_reward(t, a) for t, a in zip(texts, answer, strict=True)]
+        tally["gen_tokens"] += sum(len(ids) for ids in completion_ids)
+        tally["reward"] += sum(rewards)
+        tally["scored"] += len(rewards)
+        return rewards
+
+    class StepTimer(TrainerCallback):
+        last = 0.0
+
+        def on_train_begin(self, *_: Any, **__: Any) -> None:
+            self.last = time.perf_counter()
+
+        def on_step_end(self, args: Any, state: Any, *_: Any, **__: Any) -> None:
+            now = time.perf_counter()
+            rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            record = {"step": state.global_step, "step_s": now - self.last, **tally,
+                      "reward": tally["reward"] / max(tally["scored"], 1),
+                      "peak_rss_mb": rss_mb}  # fmt: skip
+            print(STEP_PREFIX + json.dumps(record), flush=True)  # fmt: skip
+            tally.update(gen_s=0.0, gen_tokens=0, reward=0.0, scored=0)
+            self.last = time.perf_counter()
+
+    samples = spec["prompts"] * spec["group"]
+    config = trl.GRPOConfig(
+        output_dir=str(spec_file.parent / "trl_out"), use_cpu=True, bf16=False, fp16=False,
+        max_steps=spec["steps"], per_device_train_batch_size=spec["micro_batch"],
+        gradient_accumulation_steps=samples // spec["micro_batch"],
+        num_generations=spec["group"], max_completion_length=spec["max_new_tokens"],
+        temperature=1.0, top_p=1.0, shuffle_dataset=False, seed=spec["seed"],
+        learning_rate=spec["lr"], weight_decay=spec["weight_decay"],
+        warmup_steps=spec["warmup_steps"], lr_scheduler_type="constant_with_warmup",
+        max_grad_norm=spec["grad_clip"], epsilon=spec["clip_low"], epsilon_high=spec["clip_high"],
+        gradient_checkpointing=spec["gradient_checkpointing"], logging_steps=1,
+        report_to="none", save_strategy="no", disable_tqdm=True,
+    )  # fmt: skip
+    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": q}], "answer": a}
+                                 for q, a in spec["problems"]])  # fmt: skip
+    trainer = trl.GRPOTrainer(model=model, reward_funcs=correctness, args=config,
+                              train_dataset=dataset, processing_class=tokenizer,
+                              callbacks=[StepTimer()])  # fmt: skip
+    trainer.train()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=3, help="timed steps (after 1 warm-up)")
+    parser.add_argument("--skip-trl", action="store_true")
+    parser.add_argument("--skip-hapo", action="store_true")
+    parser.add_argument("--hapo-overrides", nargs="*", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--trl-venv", type=Path, default=Path("~/.cache/hapo/trl-venv"))
+    parser.add_argument("--trl-gradient-checkpointing", action="store_true")
+    parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        _worker(args.worker)
+        return
+    from hapo.config import load_config
+    from hapo.data import problem_stream
+    from hapo.model_store import install_default_model, is_installed
+
+    config = load_config(overrides=[*MATCHING, *args.hapo_overrides])
+    if config.model.path is None and not is_installed(config.model.local_path):
+        install_default_model(config.model.local_path)  # as hapo up does
+    total = args.steps + WARMUP_STEPS
+    hapo = trl = None
+    with tempfile.TemporaryDirectory(prefix="trl-compare-") as tmp:
+        workdir = Path(tmp)
+        if not args.skip_trl:
+            python = ensure_trl_venv(args.trl_venv.expanduser())
+            actor = config.actor_rollout_ref.actor
+            problems = problem_stream(config.data.train_files, config.seed)
+            spec = {
+                "steps": total, "model_path": str(config.model.local_path), "seed": config.seed,
+                "prompts": PROMPTS, "group": GROUP, "max_new_tokens": MAX_NEW_TOKENS,
+                "problems": [tuple(next(problems)) for _ in range(total * PROMPTS)],
+                "micro_batch": actor.ppo_micro_batch_size_per_gpu, "lr": actor.optim.lr,
+                "weight_decay": actor.optim.weight_decay, "grad_clip": actor.grad_clip,
+                "warmup_steps": actor.optim.lr_warmup_steps, "clip_low": actor.clip_ratio_low,
+                "clip_high": actor.clip_ratio_high,
+                "gradient_checkpointing": args.trl_gradient_checkpointing,
+            }  # fmt: skip
+            trl = summarize(run_trl(python, spec, workdir))
+        if not args.skip_hapo:
+            print(f"[hapo] rollout dtype {config.rollout.dtype}", flush=True)
+            hapo = summarize(run_hapo(total, args.hapo_overrides, workdir))
+    print(table(hapo, trl))
+    print(json.dumps(result_line(hapo, trl, args.steps)))
+
+
+if __name__ == "__main__":
+    main()
