@@ -58,6 +58,7 @@ class Benchmark(enum.StrEnum):
     reward = "reward"
     rollout = "rollout"
     trainer = "trainer"
+    trl_compare = "trl_compare"
 
 
 def _load(config_file: Path | None, overrides: list[str] | None) -> HapoConfig:
