@@ -22,6 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -160,11 +161,23 @@ def learner_device(config: HapoConfig) -> torch.device:
     return torch.device(choice)
 
 
+def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX): there bf16
+    autocast makes the learner ~1.4x faster; elsewhere it is emulated and slower."""
+    try:
+        flags = cpuinfo.read_text()
+    except OSError:  # not Linux
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+
+
 def compute_dtype(config: HapoConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of ``trainer.precision`` on ``device`` (``None``: fp32)."""
+    """The autocast dtype of ``trainer.precision`` on ``device`` (``None``: fp32);
+    ``auto`` is bf16 on GPUs and on CPUs with native bf16, else fp32."""
     precision = config.trainer.precision
     if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
+        native = device.type == "cuda" or cpu_has_native_bf16()
+        precision = "bf16" if native else "fp32"
     return torch.bfloat16 if precision == "bf16" else None
 
 

@@ -29,6 +29,8 @@ from hapo.learner import (
     accumulate_gradients,
     build_batch,
     compute_advantages,
+    compute_dtype,
+    cpu_has_native_bf16,
     learner_step,
     make_optimizer,
     old_log_probs_and_entropy,
@@ -71,6 +73,7 @@ def _config(*overrides: str) -> HapoConfig:
         "data.train_batch_size=2",
         "actor_rollout_ref.actor.ppo_mini_batch_size=2",
         "actor_rollout_ref.actor.optim.lr_warmup_steps=0",
+        "trainer.precision=fp32",  # exact comparisons; bf16 has its own test
     ]
     return load_config(overrides=[*defaults, *overrides], environ={})
 
@@ -411,3 +414,16 @@ def test_bf16_precision_computes_in_bf16_and_keeps_fp32_state(
     assert all(p.dtype == torch.float32 for p in model.parameters())
     states = optimizer.state_dict()["state"].values()
     assert all(s["exp_avg"].dtype == torch.float32 for s in states)
+
+
+def test_auto_precision_is_bf16_where_the_hardware_has_it(tmp_path) -> None:
+    with_bf16, without = tmp_path / "with", tmp_path / "without"
+    with_bf16.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 avx512_vnni\n")
+    without.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n")
+    assert cpu_has_native_bf16(with_bf16) and not cpu_has_native_bf16(without)
+    assert not cpu_has_native_bf16(tmp_path / "missing")
+    auto, fp32 = _config("trainer.precision=auto"), _config()
+    assert compute_dtype(auto, torch.device("cuda")) == torch.bfloat16
+    expected = torch.bfloat16 if cpu_has_native_bf16() else None
+    assert compute_dtype(auto, torch.device("cpu")) == expected
+    assert compute_dtype(fp32, torch.device("cuda")) is None

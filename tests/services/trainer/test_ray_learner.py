@@ -79,6 +79,7 @@ def _config() -> HapoConfig:
             # rows as the whole batch's, so the old log-probs agree bit for bit (with 7, rows
             # land in chunks of other sizes and differ by fp32 rounding).
             "trainer.logits_chunk_size=12",
+            "trainer.precision=fp32",
         ],
         environ={},
     )
