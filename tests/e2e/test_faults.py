@@ -82,7 +82,7 @@ class Stack:
             "actor_rollout_ref.actor.ppo_mini_batch_size=2",
             "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
             "data.max_response_length=8", "trainer.max_staleness=0",
-            "trainer.weight_sync_timeout_s=30",
+            "trainer.weight_sync_timeout_s=15",
         ]  # fmt: skip
         if name == "rollout":  # a dead replica's groups are taken over after 3 s
             return ["rollout", *common, "rollout.compile_entropy=false", "rollout.max_model_len=256",
@@ -105,7 +105,9 @@ class Stack:
 
     def new_run(self, run_id: str, seed: int) -> None:
         """Start the trainer of run ``run_id``; rollout and reward too if they are not up
-        (a test before this one failed)."""
+        (a test before this one failed; its trainer, if still running, is killed)."""
+        if "trainer" in self.processes and self.processes["trainer"].poll() is None:
+            self.kill("trainer")
         self.run_id, self.seed = run_id, seed
         for name in ("rollout", "reward"):
             if name not in self.processes or self.processes[name].poll() is not None:
