@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from typing import Any, ClassVar, Self
 
 import httpx
@@ -69,6 +70,9 @@ class GlooWeightTransferInitInfo(WeightTransferInitInfo):
     master_port: int
     rank_offset: int
     world_size: int
+    timeout_s: float = 1800.0
+    """Every operation of the group gives up after this: a peer that dies mid-broadcast
+    would otherwise leave the other side waiting for gloo's default 30 minutes."""
 
 
 @dataclass
@@ -80,6 +84,8 @@ class GlooTrainerInitInfo(TrainerInitInfo):
     master_address: str
     master_port: int
     world_size: int
+    timeout_s: float = 1800.0
+    """Passed to the workers' side too (``GlooWeightTransferInitInfo.timeout_s``)."""
 
 
 @dataclass
@@ -151,6 +157,7 @@ class GlooWeightTransferEngine(
             init_info.rank_offset + worker_rank,
             init_info.world_size,
             backend="gloo",
+            timeout=timedelta(seconds=init_info.timeout_s),
         )
 
     def start_weight_update(self) -> None:
@@ -239,13 +246,14 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
             master_port=init_info.master_port,
             rank_offset=1,
             world_size=init_info.world_size,
+            timeout_s=init_info.timeout_s,
         )
         # The workers block in the rendezvous; open ours while their RPC is in flight.
         with ThreadPoolExecutor(max_workers=1) as pool:
             future = pool.submit(client.init_weight_transfer_engine, asdict(worker_info))
             engine.group = stateless_init_torch_distributed_process_group(
                 init_info.master_address, init_info.master_port, 0, init_info.world_size,
-                backend="gloo",
+                backend="gloo", timeout=timedelta(seconds=init_info.timeout_s),
             )  # fmt: skip
             future.result()
         return engine

@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from hapo.config import ConfigError, HapoConfig
 from hapo.http import Readiness, add_probe_routes, bearer_auth, redis_answers
 from hapo.runtime import serve_http
+from hapo.streams import connect
 from services.trainer.control import RunState
 from services.trainer.metrics import TrainerMetrics
 from services.trainer.runs import Run, RunConflict, RunManager, config_with_overrides
@@ -257,7 +258,7 @@ async def serve(config: HapoConfig, stop: asyncio.Event, *, start_run: bool) -> 
     """
     metrics = TrainerMetrics()
     manager = RunManager(config, metrics)
-    client = aioredis.from_url(config.redis.url)
+    client = connect(config.redis.url)
     app = create_app(config, manager, client)
     server_stop = asyncio.Event()
     server = asyncio.create_task(serve_http(app, config.api.host, config.api.port, server_stop))

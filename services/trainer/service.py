@@ -35,7 +35,6 @@ import uuid
 from pathlib import Path
 from typing import Any, TextIO
 
-import redis.asyncio as aioredis
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -57,6 +56,7 @@ from hapo.streams import (
     Entry,
     StreamConsumer,
     StreamNames,
+    connect,
     ensure_group,
 )
 from services.trainer import resume
@@ -95,7 +95,7 @@ class TrainerService:
         )
         self.problems = problem_stream(config.data.train_files, config.seed)
         self.names = StreamNames(config.redis.stream_prefix)
-        self.client = aioredis.from_url(config.redis.url)
+        self.client = connect(config.redis.url)
         self.consumer = StreamConsumer(
             self.client, self.names.scored, TRAINER_GROUP, f"trainer-{self.run_id}"
         )
@@ -214,8 +214,9 @@ class TrainerService:
         if dropped := resume.truncate_metrics(metrics_path, self.step):
             logger.info("run %s: %d metrics lines after step %d dropped", self.run_id, dropped,
                         self.step)  # fmt: skip
-        if self.resumed:  # the rollout may hold weights of steps that were lost
-            await asyncio.to_thread(self.weights.push, self.policy_version)
+        # The rollout may hold weights of steps lost with a killed trainer, or of another
+        # run: it gets this run's before the first prompt group is queued.
+        await asyncio.to_thread(self.weights.push, self.policy_version)
         self.learner = await asyncio.to_thread(
             make_learner, self.model, self.optimizer, self.scheduler, self.config
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 
+import httpx
 import torch
 from torch import nn
 from vllm.distributed.weight_transfer.base import TrainerWeightTransferEngine
@@ -26,6 +27,8 @@ from hapo.weight_sync import (
 )
 
 logger = logging.getLogger("hapo.trainer")
+
+_HEALTH_TIMEOUT_S = 2.0
 
 _ROLLOUT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -57,7 +60,7 @@ class WeightPusher:
             source = CastModuleSource(self.model, dtype, torch.device("cpu"))
             init = GlooTrainerInitInfo(
                 master_address=trainer.weight_sync_host, master_port=port,
-                world_size=world_size, rank=0,
+                world_size=world_size, rank=0, timeout_s=trainer.weight_sync_timeout_s,
             )  # fmt: skip
             return client, GlooTrainerWeightTransferEngine.trainer_init(
                 init, client=client, source=source
@@ -77,20 +80,42 @@ class WeightPusher:
             init, client=client, source=source
         )
 
+    def _send(self, url: str, port: int, policy_version: int) -> None:
+        """One push to one replica, over its open group or a new one."""
+        if url not in self.senders:
+            # Opening a group waits for the replica's workers to join; one that is down
+            # (restarting, not started yet) would hold the run for the whole timeout.
+            httpx.get(f"{url}/healthz", timeout=_HEALTH_TIMEOUT_S).raise_for_status()
+            self.senders[url] = self._connect(url, port)
+        client, sender = self.senders[url]
+        # vLLM's NCCL engine finishes without a version: the client sends this one.
+        client.weight_version = str(policy_version)
+        sender.send_weights()
+
+    def _drop(self, url: str) -> None:
+        if failed := self.senders.pop(url, None):
+            failed[0].close()
+
     def push(self, policy_version: int) -> float:
-        """Push the weights as ``policy_version``; returns the seconds it took."""
+        """Push the weights as ``policy_version``; returns the seconds it took.
+
+        A replica whose open group fails (it restarted) gets one more try over a new
+        group; one that still fails, or does not answer its health check, is logged and
+        skipped until the next push."""
         trainer = self.config.trainer
         started = time.perf_counter()
         for index, url in enumerate(trainer.rollout_urls):
+            port = trainer.weight_sync_port + index
             try:
-                if url not in self.senders:
-                    self.senders[url] = self._connect(url, trainer.weight_sync_port + index)
-                client, sender = self.senders[url]
-                # vLLM's NCCL engine finishes without a version: the client sends this one.
-                client.weight_version = str(policy_version)
-                sender.send_weights()
+                try:
+                    self._send(url, port, policy_version)
+                except Exception:
+                    if url not in self.senders:
+                        raise  # a new group failed: no retry
+                    logger.warning("weight push to %s failed; retrying over a new group", url)
+                    self._drop(url)
+                    self._send(url, port, policy_version)
             except Exception:  # a replica's failure must not stop the run
                 logger.exception("weight push to %s failed; skipping it this step", url)
-                if failed := self.senders.pop(url, None):
-                    failed[0].close()
+                self._drop(url)
         return time.perf_counter() - started

@@ -262,6 +262,8 @@ def test_redis_sigkilled_mid_run_restarts_from_its_aof_and_loses_nothing(
     lines = stack.finish()
     client.close()
     assert_each_group_trained_once(lines, STEPS * BATCH)
+    # The run pushed its own weights first: no sample of another run's policy.
+    assert min(line["staleness/mean"] for line in lines) >= 0, stack.why("staleness")
     assert stack.policy_version() == STEPS, stack.why("rollout weights")
 
 
