@@ -13,7 +13,7 @@ PIP := $(BIN)/pip install --quiet --disable-pip-version-check -c $(CONSTRAINTS)
 .PHONY: run test setup redis model lint clean
 
 run: setup
-	$(BIN)/hapo bench advantage
+	$(BIN)/hapo up
 
 test: setup
 	$(BIN)/python -m pytest

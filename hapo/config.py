@@ -46,9 +46,10 @@ class RolloutConfig(_Section):
 
 
 class OptimConfig(_Section):
-    lr: float = Field(1e-6, gt=0.0, le=1.0)
-    """AdamW learning rate (reference recipe: 1e-6)."""
-    lr_warmup_steps: int = Field(10, ge=0)
+    lr: float = Field(1e-5, gt=0.0, le=1.0)
+    """AdamW learning rate. The default suits the default model (135M) and the 20-step
+    demo run; the reference recipe trains 7B+ models with 1e-6."""
+    lr_warmup_steps: int = Field(2, ge=0)
     """Linear warm-up steps."""
     weight_decay: float = Field(0.1, ge=0.0, le=1.0)
     """AdamW weight decay."""
@@ -189,8 +190,8 @@ class TrainerConfig(_Section):
     multiply bf16 natively (AVX512-BF16, AMX), fp32 elsewhere."""
     max_staleness: int = Field(1, ge=0, le=100)
     """Policy versions the rollout may run ahead of the learner (0 = on-policy)."""
-    total_steps: int = Field(100, ge=1)
-    """Training steps of a run."""
+    total_steps: int = Field(20, ge=1)
+    """Training steps of a run (the default: the demo, ~15 minutes on 2 CPU cores)."""
     run_dir: Path = Path("runs")
     """Checkpoints, metrics and plots go to ``run_dir/<run id>/``."""
     logits_chunk_size: int = Field(1024, ge=1, le=1_048_576)
