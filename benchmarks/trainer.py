@@ -25,8 +25,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from hapo.config import HapoConfig, load_config
-from hapo.learner import build_batch, learner_step, make_optimizer
+from hapo.learner import learner_step, make_optimizer
 from hapo.messages import ScoredTrajectory
+from hapo.policy import build_batch
 
 
 def _batch_trajectories(

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from hapo.config import HapoConfig
-from hapo.learner import LearnerStepResult, TrainingBatch, learner_step
+from hapo.learner import LearnerStepResult, learner_step
+from hapo.policy import TrainingBatch
 
 
 class Learner(Protocol):

@@ -58,17 +58,14 @@ from hapo.config import HapoConfig
 from hapo.learner import (
     LearnerStepResult,
     MetricMeans,
-    TrainingBatch,
     _temperature,
     accumulate_gradients,
     clipped_optimizer_step,
-    compute_dtype,
-    learner_device,
     make_optimizer,
-    old_log_probs_and_entropy,
     step_result,
     step_targets,
 )
+from hapo.policy import TrainingBatch, compute_dtype, learner_device, old_log_probs_and_entropy
 
 logger = logging.getLogger("hapo.trainer")
 

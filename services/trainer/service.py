@@ -40,7 +40,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hapo.config import HapoConfig
 from hapo.data import chat_prompt_ids, problem_stream
-from hapo.learner import LearnerStepResult, build_batch, learner_device, make_optimizer
+from hapo.learner import LearnerStepResult, make_optimizer
 from hapo.messages import (
     AdaptiveTemperature,
     MalformedMessage,
@@ -48,6 +48,7 @@ from hapo.messages import (
     SamplingSettings,
     ScoredTrajectory,
 )
+from hapo.policy import build_batch, learner_device
 from hapo.report import write_report
 from hapo.runtime import setup_logging, stop_event_on_signals
 from hapo.streams import (

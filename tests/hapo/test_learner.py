@@ -25,18 +25,20 @@ from hapo.algorithm import token_entropy as reference_entropy
 from hapo.config import HapoConfig, load_config
 from hapo.learner import (
     StepTargets,
-    TrainingBatch,
     accumulate_gradients,
-    build_batch,
     compute_advantages,
-    compute_dtype,
-    cpu_has_native_bf16,
     learner_step,
     make_optimizer,
+)
+from hapo.messages import ScoredTrajectory
+from hapo.policy import (
+    TrainingBatch,
+    build_batch,
+    compute_dtype,
+    cpu_has_native_bf16,
     old_log_probs_and_entropy,
     policy_log_probs,
 )
-from hapo.messages import ScoredTrajectory
 from tests.helpers import scored_trajectories
 
 VOCAB, PAD = 128, 0

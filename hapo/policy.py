@@ -1,0 +1,282 @@
+"""Batches of scored trajectories and the policy's log-probs and entropies over them.
+
+``build_batch`` pads trajectories into ``[B, P + R]`` tensors (prompts left-padded to a
+common ``P``, responses right-padded to ``R``), so every response starts at column ``P``;
+``policy_log_probs`` runs the model on it, each distinct prompt once, with vocabulary
+logits ``trainer.logits_chunk_size`` tokens at a time in the forward and the backward pass
+(``taken_log_probs_chunked``): the ``[B, R, V]`` fp32 logits never exist. Where it runs and
+in which dtype: ``learner_device`` and ``compute_dtype`` (``trainer.device``,
+``trainer.precision``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from hapo.algorithm import taken_log_probs_chunked
+from hapo.config import HapoConfig
+from hapo.messages import ScoredTrajectory
+
+
+@dataclass(frozen=True)
+class TrainingBatch:
+    """A padded batch of ``B`` samples: prompt ``[:P]`` (left-padded) then response.
+
+    Attributes:
+        input_ids: ``[B, P + R]`` int64 token ids, ``pad_token_id`` where padded.
+        attention_mask: ``[B, P + R]`` int64, 1 on real tokens.
+        position_ids: ``[B, P + R]`` int64, counting real tokens only (left padding must
+            not shift rotary positions).
+        responses: ``[B, R]`` int64, the response tokens (the targets of the log-probs).
+        response_mask: ``[B, R]`` float32, 1 on valid response tokens. Float, not bool:
+            torch's CPU reductions over bool masks are several times slower.
+        token_level_rewards: ``[B, R]`` float32, the outcome reward on each sample's last
+            valid token, 0 elsewhere.
+        group_index: ``[B]`` group label (``group_id``) of each sample.
+        prompt_length: ``P``; response token ``t`` is predicted at column ``P - 1 + t``.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    responses: torch.Tensor
+    response_mask: torch.Tensor
+    token_level_rewards: torch.Tensor
+    group_index: np.ndarray
+    prompt_length: int
+
+    @property
+    def size(self) -> int:
+        """Number of samples ``B``."""
+        return self.input_ids.shape[0]
+
+    def to(self, device: torch.device) -> TrainingBatch:
+        """The batch with its tensors on ``device``."""
+        if self.input_ids.device == device:
+            return self
+        return replace(
+            self,
+            input_ids=self.input_ids.to(device),
+            attention_mask=self.attention_mask.to(device),
+            position_ids=self.position_ids.to(device),
+            responses=self.responses.to(device),
+            response_mask=self.response_mask.to(device),
+            token_level_rewards=self.token_level_rewards.to(device),
+        )
+
+    def select(self, rows: slice) -> TrainingBatch:
+        """The samples ``rows`` (a mini- or micro-batch), tensors as views."""
+        return replace(
+            self,
+            input_ids=self.input_ids[rows],
+            attention_mask=self.attention_mask[rows],
+            position_ids=self.position_ids[rows],
+            responses=self.responses[rows],
+            response_mask=self.response_mask[rows],
+            token_level_rewards=self.token_level_rewards[rows],
+            group_index=self.group_index[rows],
+        )
+
+
+def build_batch(trajectories: Sequence[ScoredTrajectory], pad_token_id: int) -> TrainingBatch:
+    """Pad scored trajectories into a ``TrainingBatch`` (in the given order).
+
+    Raises:
+        ValueError: no trajectory, or one with an empty prompt or response (an empty
+            response has no token to carry its reward; the caller must drop it).
+    """
+    if not trajectories:
+        raise ValueError("build_batch needs at least one trajectory")
+    for trajectory in trajectories:
+        if len(trajectory.prompt_ids) == 0 or len(trajectory.response_ids) == 0:
+            raise ValueError(
+                f"trajectory {trajectory.key} has an empty prompt or response; drop it first"
+            )
+    prompt_lengths = np.array([len(t.prompt_ids) for t in trajectories])
+    response_lengths = np.array([len(t.response_ids) for t in trajectories])
+    batch, prompt_width, response_width = (
+        len(trajectories),
+        int(prompt_lengths.max()),
+        int(response_lengths.max()),
+    )
+    input_ids = np.full((batch, prompt_width + response_width), pad_token_id, dtype=np.int64)
+    for row, trajectory in enumerate(trajectories):
+        input_ids[row, prompt_width - len(trajectory.prompt_ids) : prompt_width] = (
+            trajectory.prompt_ids
+        )
+        input_ids[row, prompt_width : prompt_width + len(trajectory.response_ids)] = (
+            trajectory.response_ids
+        )
+    columns = np.arange(prompt_width + response_width)
+    attention_mask = (columns >= prompt_width - prompt_lengths[:, None]) & (
+        columns < prompt_width + response_lengths[:, None]
+    )
+    response_mask = np.arange(response_width) < response_lengths[:, None]
+    rewards = np.zeros((batch, response_width), dtype=np.float32)
+    rewards[np.arange(batch), response_lengths - 1] = [t.reward for t in trajectories]
+    attention = torch.from_numpy(attention_mask.astype(np.int64))
+    input_tensor = torch.from_numpy(input_ids)
+    return TrainingBatch(
+        input_ids=input_tensor,
+        attention_mask=attention,
+        position_ids=(attention.cumsum(dim=-1) - 1).clamp_min(0),
+        responses=input_tensor[:, prompt_width:].clone(),
+        response_mask=torch.from_numpy(response_mask.astype(np.float32)),
+        token_level_rewards=torch.from_numpy(rewards),
+        group_index=np.array([t.group_id for t in trajectories]),
+        prompt_length=prompt_width,
+    )
+
+
+def learner_device(config: HapoConfig) -> torch.device:
+    """``trainer.device`` resolved: ``auto`` is the current CUDA device if there is one."""
+    choice = config.trainer.device
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
+
+
+def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX): there bf16
+    autocast makes the learner ~1.4x faster; elsewhere it is emulated and slower."""
+    try:
+        flags = cpuinfo.read_text()
+    except OSError:  # not Linux
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def compute_dtype(config: HapoConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``trainer.precision`` on ``device`` (``None``: fp32);
+    ``auto`` is bf16 on GPUs and on CPUs with native bf16, else fp32."""
+    precision = config.trainer.precision
+    if precision == "auto":
+        native = device.type == "cuda" or cpu_has_native_bf16()
+        precision = "bf16" if native else "fp32"
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+def response_hidden_states(model: nn.Module, batch: TrainingBatch) -> torch.Tensor:
+    """``[B, R, H]`` final hidden states that predict each response token (the state at
+    column ``P - 1 + t`` predicts response token ``t``), each distinct prompt run once.
+
+    The ``n`` samples of a group share their prompt, which is most of a sample's tokens on
+    short-answer tasks: the decoder runs on the ``U`` distinct prompts ``[U, P]`` with a KV
+    cache, the cache is gathered to the ``B`` rows (``index_select``, so gradients from
+    every sample add up in the shared prompt's activations), and the responses run on
+    top of it. Identical maths to one ``[B, P + R]`` forward, ~``n`` times fewer prompt
+    tokens, in the forward and the backward pass.
+    """
+    decoder = model.get_decoder()
+    prompt_width, response_width = batch.prompt_length, batch.responses.shape[1]
+    prompt_ids = batch.input_ids[:, :prompt_width]
+    prompt_mask = batch.attention_mask[:, :prompt_width]
+    _, inverse = torch.unique(torch.cat([prompt_ids, prompt_mask], dim=1), dim=0,
+                              return_inverse=True)  # fmt: skip
+    first = torch.full((int(inverse.max()) + 1,), batch.size, device=inverse.device)
+    first = first.scatter_reduce(0, inverse, torch.arange(batch.size, device=inverse.device),
+                                 reduce="amin")  # fmt: skip
+    prompt = decoder(
+        input_ids=prompt_ids[first],
+        attention_mask=prompt_mask[first],
+        position_ids=batch.position_ids[first, :prompt_width],
+        use_cache=response_width > 1,
+    )
+    last_prompt_state = prompt.last_hidden_state[inverse, -1:]
+    if response_width == 1:
+        return last_prompt_state
+    cache = prompt.past_key_values
+    cache.reorder_cache(inverse)
+    # The last response token predicts nothing: it is not fed.
+    fed = slice(prompt_width, prompt_width + response_width - 1)
+    responses = decoder(
+        input_ids=batch.input_ids[:, fed],
+        attention_mask=batch.attention_mask[:, : fed.stop],
+        position_ids=batch.position_ids[:, fed],
+        past_key_values=cache,
+        use_cache=True,
+    ).last_hidden_state
+    return torch.cat([last_prompt_state, responses], dim=1)
+
+
+def policy_log_probs(
+    model: nn.Module,
+    batch: TrainingBatch,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    with_entropy: bool = False,
+    dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs (and entropies) of a batch's response tokens under a causal LM.
+
+    ``model`` is a transformers ``*ForCausalLM`` whose logits are ``lm_head(hidden)``
+    without bias or soft-capping (Llama, Qwen2, Mistral, SmolLM2); only the response
+    columns' hidden states go through the vocabulary projection.
+
+    With ``dtype`` (bf16) the decoder runs under autocast and the vocabulary projection
+    multiplies in ``dtype``; softmax, log-probs and entropies stay fp32 (``chunk_logits``).
+    The projection is cast explicitly rather than autocast because its backward pass
+    recomputes the logits outside autocast, and forward and backward must agree.
+
+    Returns:
+        ``(log_prob, entropy)``, ``[B, R]`` fp32 each (entropy ``None`` unless asked),
+        garbage at masked positions (callers mask).
+
+    Raises:
+        ValueError: the model's logits are not ``lm_head(hidden)`` (a bias, soft-capping or
+            scaling), which the chunked projection would silently get wrong.
+    """
+    head = model.get_output_embeddings()
+    scaling = ("final_logit_softcapping", "logit_scale")
+    extras = [name for name in scaling if getattr(model.config, name, None)]
+    if getattr(head, "bias", None) is not None or extras:
+        raise ValueError(f"unsupported output head: bias or {extras} (logits must be hidden @ W.T)")
+    device_type = batch.input_ids.device.type
+    with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        hidden = response_hidden_states(model, batch)
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    weight = head.weight
+    if dtype is not None:
+        rows, weight = rows.to(dtype), weight.to(dtype)
+    log_prob, entropy = taken_log_probs_chunked(
+        rows,
+        weight,
+        batch.responses.reshape(-1),
+        temperature=temperature,
+        chunk_size=chunk_size,
+        with_entropy=with_entropy,
+    )
+    shape = batch.responses.shape
+    return log_prob.view(shape), None if entropy is None else entropy.view(shape)
+
+
+@torch.no_grad()
+def old_log_probs_and_entropy(
+    model: nn.Module,
+    batch: TrainingBatch,
+    micro_batch_size: int,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(old_log_prob, entropy)``, ``[B, R]`` each, with the current weights, no graph."""
+    parts = [
+        policy_log_probs(
+            model,
+            batch.select(slice(start, start + micro_batch_size)),
+            temperature=temperature,
+            chunk_size=chunk_size,
+            with_entropy=True,
+            dtype=dtype,
+        )
+        for start in range(0, batch.size, micro_batch_size)
+    ]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
