@@ -70,6 +70,26 @@ class TrainingBatch:
             token_level_rewards=self.token_level_rewards.to(device),
         )
 
+    def trimmed(self) -> TrainingBatch:
+        """The batch without the columns that are padding in every row: the longest
+        prompt and the longest response of these rows set the widths (a micro-batch is
+        often one group, much shorter than the step's longest sample)."""
+        prompt_width = int(self.attention_mask[:, : self.prompt_length].sum(-1).max())
+        response_width = int(self.response_mask.sum(-1).max())
+        if (prompt_width, response_width) == (self.prompt_length, self.responses.shape[1]):
+            return self
+        columns = slice(self.prompt_length - prompt_width, self.prompt_length + response_width)
+        return replace(
+            self,
+            input_ids=self.input_ids[:, columns],
+            attention_mask=self.attention_mask[:, columns],
+            position_ids=self.position_ids[:, columns],
+            responses=self.responses[:, :response_width],
+            response_mask=self.response_mask[:, :response_width],
+            token_level_rewards=self.token_level_rewards[:, :response_width],
+            prompt_length=prompt_width,
+        )
+
     def select(self, rows: slice) -> TrainingBatch:
         """The samples ``rows`` (a mini- or micro-batch), tensors as views."""
         return replace(
@@ -226,8 +246,8 @@ def policy_log_probs(
     recomputes the logits outside autocast, and forward and backward must agree.
 
     Returns:
-        ``(log_prob, entropy)``, ``[B, R]`` fp32 each (entropy ``None`` unless asked),
-        garbage at masked positions (callers mask).
+        ``(log_prob, entropy)``, ``[B, R]`` fp32 each (entropy ``None`` unless asked), 0 at
+        masked positions.
 
     Raises:
         ValueError: the model's logits are not ``lm_head(hidden)`` (a bias, soft-capping or
@@ -238,23 +258,33 @@ def policy_log_probs(
     extras = [name for name in scaling if getattr(model.config, name, None)]
     if getattr(head, "bias", None) is not None or extras:
         raise ValueError(f"unsupported output head: bias or {extras} (logits must be hidden @ W.T)")
+    full_width = batch.responses.shape[1]
+    batch = batch.trimmed()
     device_type = batch.input_ids.device.type
     with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
         hidden = response_hidden_states(model, batch)
-    rows = hidden.reshape(-1, hidden.shape[-1])
+    # Only valid response tokens go through the vocabulary projection (the costliest
+    # matmul of a small model): padding costs nothing there.
+    valid = batch.response_mask.bool()
+    rows = hidden[valid]
     weight = head.weight
     if dtype is not None:
         rows, weight = rows.to(dtype), weight.to(dtype)
     log_prob, entropy = taken_log_probs_chunked(
         rows,
         weight,
-        batch.responses.reshape(-1),
+        batch.responses[valid],
         temperature=temperature,
         chunk_size=chunk_size,
         with_entropy=with_entropy,
     )
-    shape = batch.responses.shape
-    return log_prob.view(shape), None if entropy is None else entropy.view(shape)
+
+    def to_grid(values: torch.Tensor) -> torch.Tensor:
+        """``[N]`` valid-token values -> ``[B, full_width]``, 0 at padding."""
+        grid = values.new_zeros(valid.shape).masked_scatter(valid, values)
+        return nn.functional.pad(grid, (0, full_width - valid.shape[1]))
+
+    return to_grid(log_prob), None if entropy is None else to_grid(entropy)
 
 
 @torch.no_grad()
