@@ -108,7 +108,6 @@ class TrainerService:
         self.checkpointed_step, progress = resume.load_progress(
             self.run_dir / "checkpoints", self.model, self.optimizer, self.scheduler
         )
-        self.resumed = self.checkpointed_step is not None
         self.step = self.checkpointed_step or 0
         self.policy_version = progress.policy_version
         self.norm_entropys = progress.norm_entropys
