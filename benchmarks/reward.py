@@ -30,8 +30,8 @@ import redis
 from tokenizers import Tokenizer
 
 from hapo.config import load_config
-from hapo.messages import ScoredTrajectory, Trajectory
-from hapo.streams import StreamNames
+from hapo.transport.messages import ScoredTrajectory, Trajectory
+from hapo.transport.streams import StreamNames
 
 
 def gsm8k_style(rng: random.Random, index: int) -> tuple[str, str]:

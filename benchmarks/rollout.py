@@ -31,17 +31,17 @@ from vllm import SamplingParams
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from hapo.config import HapoConfig, load_config
-from hapo.messages import AdaptiveTemperature
-from hapo.runtime import serve_http
-from hapo.weight_sync import (
+from hapo.inference.engine import build_engine
+from hapo.inference.logits_processor import to_extra_args
+from hapo.runtime.lifecycle import serve_http
+from hapo.transport.messages import AdaptiveTemperature
+from hapo.transport.weight_sync import (
     CastModuleSource,
     GlooTrainerInitInfo,
     GlooTrainerWeightTransferEngine,
     RolloutWeightSyncClient,
 )
 from services.rollout.app import RolloutMetrics, RolloutState, create_app
-from services.rollout.engine import build_engine
-from services.rollout.logits_processor import to_extra_args
 
 # Typical statistics of a training step: log-entropy pivot, spread and scales.
 NORM_ENTROPYS = (-0.5, 1.5, 0.4, 0.5)

@@ -25,9 +25,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from hapo.config import HapoConfig, load_config
-from hapo.learner import learner_step, make_optimizer
-from hapo.messages import ScoredTrajectory
-from hapo.policy import build_batch
+from hapo.training.learner import learner_step, make_optimizer
+from hapo.training.policy import build_batch
+from hapo.transport.messages import ScoredTrajectory
 
 
 def _batch_trajectories(

@@ -19,7 +19,7 @@ the tokenizer's chat template), 8 prompts x 8 samples a step, at most 64 new tok
 temperature 1.0, top-p 1.0, one optimizer step a batch on micro-batches of
 ``ppo_micro_batch_size_per_gpu`` samples, AdamW with hapo's lr / weight decay / warm-up
 steps / grad clip / clip ratios, no KL and no reference model, and the reward: exact match
-of the last integer (``hapo.rewards.fast_integer_answer`` against ``gold_integer``).
+of the last integer (``hapo.scoring.rewards.fast_integer_answer`` against ``gold_integer``).
 
 Not matched: TRL generates with transformers ``generate`` in fp32 in the learner's process,
 then trains, strictly in turn; hapo samples with vLLM (``rollout.dtype``, bf16 by default)
@@ -60,7 +60,7 @@ WARMUP_STEPS = 1
 
 def integer_reward(response: str, answer: str) -> float:
     """1.0 when the response's last number is the gold integer, as hapo's fast path decides."""
-    from hapo.rewards import fast_integer_answer, gold_integer
+    from hapo.scoring.rewards import fast_integer_answer, gold_integer
 
     gold = gold_integer(answer)
     return float(gold is not None and fast_integer_answer(response) == gold)
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     from hapo.config import load_config
     from hapo.data import problem_stream
-    from hapo.model_store import install_default_model, is_installed
+    from hapo.runtime.model_store import install_default_model, is_installed
 
     config = load_config(overrides=[*MATCHING, *args.hapo_overrides])
     if config.model.path is None and not is_installed(config.model.local_path):

@@ -15,7 +15,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hapo.config import HapoConfig, load_config
-from hapo.streams import StreamNames
+from hapo.transport.streams import StreamNames
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hapo.messages import ScoredTrajectory
-from hapo.redis_server import redis_answers, server_command
+from hapo.runtime.redis_server import redis_answers, server_command
+from hapo.transport.messages import ScoredTrajectory
 
 
 def free_port() -> int:

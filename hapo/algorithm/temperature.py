@@ -87,7 +87,7 @@ def compute_norm_entropys(
     eps: float = 1e-6,
     reference_scale_neg_sign: bool = False,
 ) -> NormEntropys:
-    """Statistics of the batch's token log-entropies (DESIGN.md, decision 1).
+    """Statistics of the batch's token log-entropies (docs/design.md, decision 1).
 
     - ``pivot``: the ``entropy_pivot`` quantile by nearest rank, i.e. the element of rank
       ``round(q * (n - 1))`` (round half to even) of the ``n`` valid log-entropies. Uses

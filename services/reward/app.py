@@ -8,7 +8,7 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from hapo.http import Readiness, add_probe_routes, redis_answers
+from hapo.runtime.http import Readiness, add_probe_routes, redis_answers
 
 
 @dataclass

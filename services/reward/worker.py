@@ -19,13 +19,14 @@ import time
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from tokenizers import Tokenizer
 
 from hapo.config import HapoConfig
-from hapo.messages import MalformedMessage, ScoredTrajectory, Trajectory
-from hapo.rewards import RewardFunction, load_score_fn
-from hapo.runtime import serve_http, setup_logging, stop_event_on_signals
-from hapo.streams import (
+from hapo.runtime.lifecycle import serve_http, setup_logging, stop_event_on_signals
+from hapo.runtime.model_store import load_tokenizer
+from hapo.scoring.rewards import RewardFunction, load_score_fn
+from hapo.scoring.sandbox import ScoreItem, ScoringSandbox
+from hapo.transport.messages import MalformedMessage, ScoredTrajectory, Trajectory
+from hapo.transport.streams import (
     REWARD_GROUP,
     TRAINER_GROUP,
     Entry,
@@ -36,7 +37,6 @@ from hapo.streams import (
     trim_acknowledged,
 )
 from services.reward.app import RewardMetrics, WorkerState, create_app
-from services.reward.sandbox import ScoreItem, ScoringSandbox
 
 # How often the input stream is trimmed below what every group has acknowledged.
 _TRIM_INTERVAL_S = 10.0
@@ -58,13 +58,6 @@ def reward_function(config: HapoConfig) -> RewardFunction:
         overlong_penalty_factor=overlong.penalty_factor,
         max_response_length=config.data.max_response_length,
     )
-
-
-def load_tokenizer(config: HapoConfig) -> Tokenizer:
-    path = config.model.local_path / "tokenizer.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no tokenizer at {path} (model.path={config.model.path})")
-    return Tokenizer.from_file(str(path))
 
 
 class RewardWorker:

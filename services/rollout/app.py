@@ -19,7 +19,7 @@ from vllm.distributed.weight_transfer.base import (
 )
 from vllm.v1.engine.async_llm import AsyncLLM
 
-from hapo.http import Readiness, add_probe_routes, bearer_auth, redis_answers
+from hapo.runtime.http import Readiness, add_probe_routes, bearer_auth, redis_answers
 
 logger = logging.getLogger("hapo.rollout")
 

@@ -27,9 +27,10 @@ from vllm import SamplingParams
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from hapo.config import HapoConfig
-from hapo.messages import MalformedMessage, PromptGroup, Trajectory
-from hapo.runtime import serve_http, setup_logging, stop_event_on_signals
-from hapo.streams import (
+from hapo.inference.logits_processor import parse_args, to_extra_args
+from hapo.runtime.lifecycle import serve_http, setup_logging, stop_event_on_signals
+from hapo.transport.messages import MalformedMessage, PromptGroup, Trajectory
+from hapo.transport.streams import (
     REWARD_GROUP,
     ROLLOUT_GROUP,
     Entry,
@@ -39,7 +40,6 @@ from hapo.streams import (
     ensure_group,
 )
 from services.rollout.app import RolloutMetrics, RolloutState, create_app
-from services.rollout.logits_processor import parse_args, to_extra_args
 
 logger = logging.getLogger("hapo.rollout")
 
@@ -215,7 +215,7 @@ class RolloutService:
 
 
 async def _main(config: HapoConfig, consumer_name: str | None) -> None:
-    from services.rollout.engine import build_engine
+    from hapo.inference.engine import build_engine
 
     stop = stop_event_on_signals()
     engine = build_engine(config)

@@ -22,9 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hapo.config import ConfigError, HapoConfig
-from hapo.http import Readiness, add_probe_routes, bearer_auth, redis_answers
-from hapo.runtime import serve_http
-from hapo.streams import connect
+from hapo.runtime.http import Readiness, add_probe_routes, bearer_auth, redis_answers
+from hapo.runtime.lifecycle import serve_http
+from hapo.transport.streams import connect
 from services.trainer.control import RunState
 from services.trainer.metrics import TrainerMetrics
 from services.trainer.runs import Run, RunConflict, RunManager, config_with_overrides

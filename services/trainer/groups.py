@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from hapo.messages import ScoredTrajectory
-from hapo.streams import Entry
+from hapo.transport.messages import ScoredTrajectory
+from hapo.transport.streams import Entry
 
 
 @dataclass

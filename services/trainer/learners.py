@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from hapo.config import HapoConfig
-from hapo.learner import LearnerStepResult, learner_step
-from hapo.policy import TrainingBatch
+from hapo.training.learner import LearnerStepResult, learner_step
+from hapo.training.policy import TrainingBatch
 
 
 class Learner(Protocol):
@@ -30,7 +30,7 @@ class Learner(Protocol):
 
 
 class LocalLearner:
-    """``hapo.learner.learner_step`` in this process, on the model's device."""
+    """``hapo.training.learner.learner_step`` in this process, on the model's device."""
 
     def __init__(
         self,

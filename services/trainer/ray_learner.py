@@ -8,12 +8,12 @@ result and the new weights (an object reference), which the driver loads into it
 copy of the model: the copy the trainer service checkpoints and pushes to the rollout.
 Optimizer and scheduler states travel only when the driver asks (before a checkpoint).
 
-The update is that of ``hapo.learner.learner_step`` on the same batch
+The update is that of ``hapo.training.learner.learner_step`` on the same batch
 (``tests/services/trainer/test_ray_learner.py``), because every rank:
 
 1. computes old log-probs and token entropy on its contiguous shard of the step's batch
    and all-gathers them, so ``norm_entropys`` and ``h_hat`` come from the WHOLE step's
-   batch (DESIGN.md decisions 1 and 2);
+   batch (docs/design.md, decisions 1 and 2);
 2. computes the advantage on the whole batch (groups are never split for it), a few
    flops duplicated on each rank;
 3. takes a contiguous shard of every mini-batch and accumulates its micro-batches'
@@ -55,7 +55,7 @@ from ray.util.queue import Empty, Queue
 from torch import nn
 
 from hapo.config import HapoConfig
-from hapo.learner import (
+from hapo.training.learner import (
     LearnerStepResult,
     MetricMeans,
     _temperature,
@@ -65,7 +65,12 @@ from hapo.learner import (
     step_result,
     step_targets,
 )
-from hapo.policy import TrainingBatch, compute_dtype, learner_device, old_log_probs_and_entropy
+from hapo.training.policy import (
+    TrainingBatch,
+    compute_dtype,
+    learner_device,
+    old_log_probs_and_entropy,
+)
 
 logger = logging.getLogger("hapo.trainer")
 
@@ -138,7 +143,8 @@ def data_parallel_learner_step(
     rank: int,
     world_size: int,
 ) -> LearnerStepResult:
-    """``hapo.learner.learner_step`` for rank ``rank`` of ``world_size`` (module docstring).
+    """``hapo.training.learner.learner_step`` for rank ``rank`` of ``world_size`` (module
+    docstring).
 
     Mirrors ``learner_step`` line for line; the differences are the shards and the three
     collectives. Every rank gets the same result. Needs an initialised process group.

@@ -5,7 +5,7 @@
 Per step: make sure the prompt groups of the steps up to ``max_staleness`` ahead are
 queued on ``<prefix>:prompts`` (each carrying the last step's ``norm_entropys``); read
 ``<prefix>:scored`` until ``data.train_batch_size`` complete groups are in; run
-``hapo.learner.learner_step``; push the new weights to every rollout replica; append one
+``hapo.training.learner.learner_step``; push the new weights to every rollout replica; append one
 JSON line to ``run_dir/<run id>/metrics.jsonl`` (with the ids of the groups trained) and
 update the Prometheus metrics; checkpoint every ``trainer.checkpoint_every`` steps. When
 the run ends, plots and ``summary.md`` go next to the metrics (``hapo.report``).
@@ -19,7 +19,8 @@ pending entries first, so groups trained after the checkpoint are trained again,
 
 Between steps the loop honours the control API's requests (``control.RunControl``):
 pause, resume, checkpoint, stop (a stopped run checkpoints its last step). The API and the
-runs of one process live in ``services.trainer.api`` and ``services.trainer.runs``.
+runs of one process live in ``services.trainer.api`` and ``services.trainer.runs``; the
+entry point, ``services.trainer.main``, sits above them.
 
 The learner is ``trainer.backend``'s (``services.trainer.learners``): this process, on
 ``trainer.device`` in ``trainer.precision``, or data-parallel Ray Train workers.
@@ -40,18 +41,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hapo.config import HapoConfig
 from hapo.data import chat_prompt_ids, problem_stream
-from hapo.learner import LearnerStepResult, make_optimizer
-from hapo.messages import (
+from hapo.report import write_report
+from hapo.training.learner import LearnerStepResult, make_optimizer
+from hapo.training.policy import build_batch, learner_device
+from hapo.transport.messages import (
     AdaptiveTemperature,
     MalformedMessage,
     PromptGroup,
     SamplingSettings,
     ScoredTrajectory,
 )
-from hapo.policy import build_batch, learner_device
-from hapo.report import write_report
-from hapo.runtime import setup_logging, stop_event_on_signals
-from hapo.streams import (
+from hapo.transport.streams import (
     ROLLOUT_GROUP,
     TRAINER_GROUP,
     Entry,
@@ -306,17 +306,3 @@ class TrainerService:
         self.consumer.ack(pipe, list(self.unacked.values()))
         await pipe.execute()
         self.unacked = {}
-
-
-def run(config: HapoConfig) -> None:
-    """Entry point of ``hapo trainer``: start a run of ``trainer.total_steps`` steps from
-    ``config`` and serve the control API on ``api.host:api.port``; exit when the run ends
-    if ``trainer.exit_after_run`` (exit status 1 if it failed), else on SIGINT/SIGTERM."""
-    from services.trainer.api import serve
-
-    setup_logging("trainer", config)
-
-    async def main() -> int:
-        return await serve(config, stop_event_on_signals(), start_run=True)
-
-    raise SystemExit(asyncio.run(main()))

@@ -1,7 +1,7 @@
 """Pushing the trainer's weights to the rollout replicas.
 
 The backend is ``rollout.weight_transfer`` resolved as the rollout resolves it
-(``hapo.weight_sync.weight_transfer_backend``): vLLM's NCCL engine where CUDA is
+(``hapo.transport.weight_sync.weight_transfer_backend``): vLLM's NCCL engine where CUDA is
 available (the model is on the GPU, tensors go GPU to GPU), HAPO's gloo engine on CPU.
 """
 
@@ -16,7 +16,7 @@ from torch import nn
 from vllm.distributed.weight_transfer.base import TrainerWeightTransferEngine
 
 from hapo.config import HapoConfig
-from hapo.weight_sync import (
+from hapo.transport.weight_sync import (
     GLOO_BACKEND,
     CastModuleSource,
     GlooTrainerInitInfo,

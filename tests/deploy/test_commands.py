@@ -22,7 +22,7 @@ import typer.main
 import yaml
 from typer.exceptions import TyperException
 
-from hapo.cli import app
+from entrypoints.cli import app
 from hapo.config import ConfigError, load_config
 from tests.deploy.conftest import KUSTOMIZATIONS, REPO, TEST_TOKEN
 from tests.deploy.kustomize import render

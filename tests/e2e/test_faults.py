@@ -33,8 +33,8 @@ import redis
 import redis.asyncio as aioredis
 
 from hapo.config import HapoConfig
-from hapo.messages import PromptGroup
-from hapo.streams import StreamConsumer, StreamNames, connect
+from hapo.transport.messages import PromptGroup
+from hapo.transport.streams import StreamConsumer, StreamNames, connect
 from services.trainer.checkpoint import latest_checkpoint
 from services.trainer.resume import issued_key
 from tests.helpers import (

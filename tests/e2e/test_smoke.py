@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from hapo.streams import StreamNames
+from hapo.transport.streams import StreamNames
 from tests.helpers import free_port, wait_for
 
 HAPO = str(Path(sys.executable).with_name("hapo"))

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from hapo.data import problem_stream
-from hapo.rewards import math_reward
+from hapo.scoring.rewards import math_reward
 
 
 def test_builtin_addition_is_seeded_and_correct() -> None:

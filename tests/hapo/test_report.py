@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from hapo.report import MOVING_AVERAGE_STEPS, PLOTS, moving_average, write_report
-from tests.hapo.test_cli import run as run_cli
+from tests.entrypoints.test_cli import run as run_cli
 
 
 def step_record(step: int) -> dict:
@@ -118,6 +118,6 @@ def test_cli_report(tmp_path: Path) -> None:
 
 
 def test_importing_the_report_does_not_import_matplotlib() -> None:
-    code = "import sys, hapo.cli, hapo.report; print('matplotlib' in sys.modules)"
+    code = "import sys, entrypoints.cli, hapo.report; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -18,9 +18,9 @@ import redis
 from tokenizers import Tokenizer
 
 from hapo.config import HapoConfig
-from hapo.messages import DeadLetter, ScoredTrajectory, Trajectory
-from hapo.rewards import math_reward
-from hapo.streams import StreamNames
+from hapo.scoring.rewards import math_reward
+from hapo.transport.messages import DeadLetter, ScoredTrajectory, Trajectory
+from hapo.transport.streams import StreamNames
 from tests.helpers import free_port, wait_for
 
 HAPO = str(Path(sys.executable).with_name("hapo"))

@@ -17,17 +17,17 @@ from vllm.exceptions import VLLMValidationError
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from hapo.algorithm import compute_entropy_based_temperature
-from hapo.messages import AdaptiveTemperature
-from hapo.runtime import serve_http
-from hapo.weight_sync import (
+from hapo.inference.engine import build_engine
+from hapo.inference.logits_processor import to_extra_args
+from hapo.runtime.lifecycle import serve_http
+from hapo.transport.messages import AdaptiveTemperature
+from hapo.transport.weight_sync import (
     CastModuleSource,
     GlooTrainerInitInfo,
     GlooTrainerWeightTransferEngine,
     RolloutWeightSyncClient,
 )
 from services.rollout.app import RolloutMetrics, RolloutState, create_app
-from services.rollout.engine import build_engine
-from services.rollout.logits_processor import to_extra_args
 from tests.helpers import free_port
 from tests.services.rollout.conftest import tiny_config
 

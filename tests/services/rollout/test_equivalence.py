@@ -9,9 +9,9 @@ import pytest
 from vllm import SamplingParams
 from vllm.v1.engine.async_llm import AsyncLLM
 
-from hapo.messages import AdaptiveTemperature
-from services.rollout.engine import build_engine
-from services.rollout.logits_processor import to_extra_args
+from hapo.inference.engine import build_engine
+from hapo.inference.logits_processor import to_extra_args
+from hapo.transport.messages import AdaptiveTemperature
 from tests.services.rollout.conftest import tiny_config
 
 PROMPTS = [[1, 100, 200, 300], [1, 4000, 5000], [1, 42, 43, 44, 45]]

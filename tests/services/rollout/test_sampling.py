@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hapo.messages import AdaptiveTemperature, PromptGroup, SamplingSettings
-from services.rollout.logits_processor import EXTRA_ARGS_KEY, parse_args
+from hapo.inference.logits_processor import EXTRA_ARGS_KEY, parse_args
+from hapo.transport.messages import AdaptiveTemperature, PromptGroup, SamplingSettings
 from services.rollout.service import sampling_params
 
 

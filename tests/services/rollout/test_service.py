@@ -18,8 +18,8 @@ import pytest
 import redis
 
 from hapo.config import load_config
-from hapo.messages import DeadLetter, PromptGroup, SamplingSettings, Trajectory
-from hapo.streams import StreamNames
+from hapo.transport.messages import DeadLetter, PromptGroup, SamplingSettings, Trajectory
+from hapo.transport.streams import StreamNames
 from tests.helpers import free_port, wait_for
 
 pytestmark = pytest.mark.slow

@@ -18,8 +18,8 @@ import pytest
 import redis
 
 from hapo.config import HapoConfig, load_config
-from hapo.messages import PromptGroup, ScoredTrajectory
-from hapo.streams import StreamNames
+from hapo.transport.messages import PromptGroup, ScoredTrajectory
+from hapo.transport.streams import StreamNames
 from services.trainer.api import serve
 from tests.helpers import free_port, wait_for
 

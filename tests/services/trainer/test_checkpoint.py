@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from vllm import SamplingParams
 
 from hapo.config import load_config
-from hapo.learner import make_optimizer
-from services.rollout.engine import build_engine
+from hapo.inference.engine import build_engine
+from hapo.training.learner import make_optimizer
 from services.trainer import checkpoint
 from services.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from tests.services.rollout.conftest import tiny_config

@@ -24,8 +24,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from hapo.algorithm import compute_norm_entropys, entropy_h_hat, log_entropy
 from hapo.config import HapoConfig, load_config
-from hapo.learner import StepTargets, accumulate_gradients, compute_advantages, learner_step
-from hapo.policy import TrainingBatch, build_batch, old_log_probs_and_entropy
+from hapo.training.learner import (
+    StepTargets,
+    accumulate_gradients,
+    compute_advantages,
+    learner_step,
+)
+from hapo.training.policy import TrainingBatch, build_batch, old_log_probs_and_entropy
 from services.trainer.ray_learner import RayLearner, check_shardable, shard_rows
 from tests.helpers import scored_trajectories, wait_for
 from tests.services.trainer.conftest import ScoredFeeder, TrainerServer

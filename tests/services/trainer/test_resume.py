@@ -14,8 +14,8 @@ import pytest
 import redis
 
 from hapo.config import HapoConfig
-from hapo.messages import PromptGroup, ScoredTrajectory
-from hapo.streams import TRAINER_GROUP, StreamNames
+from hapo.transport.messages import PromptGroup, ScoredTrajectory
+from hapo.transport.streams import TRAINER_GROUP, StreamNames
 from services.trainer.checkpoint import latest_checkpoint
 from services.trainer.resume import issued_key
 from tests.helpers import free_port, wait_for

@@ -10,8 +10,8 @@ from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from hapo.config import HapoConfig
-from hapo.weight_sync import GLOO_BACKEND, weight_transfer_backend
-from services.rollout.logits_processor import COMPILE_KEY, AdaptiveTemperatureLogitsProcessor
+from hapo.inference.logits_processor import COMPILE_KEY, AdaptiveTemperatureLogitsProcessor
+from hapo.transport.weight_sync import GLOO_BACKEND, weight_transfer_backend
 
 
 def engine_args(config: HapoConfig, *, adaptive_processor: bool = True) -> AsyncEngineArgs:
@@ -33,7 +33,7 @@ def engine_args(config: HapoConfig, *, adaptive_processor: bool = True) -> Async
         additional_config={COMPILE_KEY: rollout.compile_entropy},
         weight_transfer_config={"backend": backend},
         # vLLM's spawned workers import this module, which registers the gloo engine.
-        worker_extension_cls="hapo.weight_sync.GlooWorkerExtension"
+        worker_extension_cls="hapo.transport.weight_sync.GlooWorkerExtension"
         if backend == GLOO_BACKEND
         else "",
         disable_log_stats=True,

@@ -21,7 +21,7 @@ from torch import nn
 
 from hapo.algorithm import taken_log_probs_chunked
 from hapo.config import HapoConfig
-from hapo.messages import ScoredTrajectory
+from hapo.transport.messages import ScoredTrajectory
 
 
 @dataclass(frozen=True)

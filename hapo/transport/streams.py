@@ -1,24 +1,52 @@
-"""Redis streams: names, consumer groups, at-least-once reading, dead letters, trimming.
+"""The transport on Redis streams: names, consumer groups, at-least-once reading, the one
+transaction that publishes and acknowledges, dead letters, trimming, and riding out a
+Redis that goes away.
 
-Delivery contract shared by every service:
+Each service kind reads its input stream in one consumer group, shared by its replicas,
+and hands what a batch produced to ``StreamConsumer.commit``. This is where the run's
+exactly-once training comes from (the whole argument, with the trainer's side, is in
+``docs/design.md``):
 
-- Each service kind reads its input stream in one consumer group; several replicas share it.
-- An entry is acknowledged in the same ``MULTI`` transaction that publishes its output, so
-  output and acknowledgement happen together or not at all.
-- Entries left pending by a consumer that died are taken over with ``XAUTOCLAIM`` once idle
-  for ``reclaim_idle_ms``; outputs carry an idempotency key so a rare double delivery (a
-  slow consumer, not a dead one) can be dropped downstream.
-- An entry that cannot be decoded goes to the dead-letter stream with the reason.
-- Streams are trimmed only below the oldest entry some consumer group still needs.
-- Every service makes its client with ``connect``: a command that loses its connection
-  (Redis restarting, a network blip) is retried on a new one with backoff instead of
-  failing the service. See ``connect`` for what a retry after a lost reply does.
+1. Output and acknowledgement in one transaction. ``commit`` appends a batch's outputs
+   (and dead letters) and ``XACK`` s its input entries in one ``MULTI``/``EXEC``: a
+   consumer that dies before ``EXEC`` has published nothing and its entries stay pending;
+   after it, both have happened. Nothing is lost, at worst something is done twice.
+2. Reclaiming. A restarted consumer under the same name replays its own pending entries
+   first; the pending entries of a consumer that died for good are taken over with
+   ``XAUTOCLAIM`` once idle for ``reclaim_idle_ms``.
+3. Idempotency keys. Doing something twice happens (a slow consumer's entries reclaimed
+   while it still works on them; a retried ``EXEC``, below), so every output carries its
+   key, (run, group, sample index) plus the policy version, and downstream drops copies:
+   the trainer's ``GroupAssembler`` keeps one sample per index and refuses samples of
+   groups already trained; a prompt group queued twice is generated and scored twice and
+   trained once; the reward worker scores a duplicate trajectory again, which only costs
+   time.
+4. A lost reply. Every client comes from ``connect``: a command whose connection breaks
+   is retried on a new one with backoff (``CountingRetry``). Redis may have executed it
+   and died, or the connection broke, before the reply arrived (with ``appendfsync
+   always`` the effect is on disk before the reply is sent). A retried ``MULTI``/``EXEC``
+   then runs again: its ``XADD`` s add a second copy of each output under new entry ids
+   (dropped by their keys, 3.), its ``XACK`` s and ``SET`` s are no-ops the second time.
+   A retried ``XREADGROUP`` or ``XAUTOCLAIM`` leaves the entries of the lost reply
+   pending at this consumer without it knowing: ``StreamConsumer.read`` sees the retry
+   (``CountingRetry.failures``) and replays its own pending entries next.
+5. The trainer acknowledges last. Its scored entries are committed only once a
+   checkpoint covering the steps that trained them is renamed into place; a trainer
+   killed in between resumes from that checkpoint and replays its pending entries, so the
+   groups it trained after the checkpoint are trained again, once.
+
+When retries run out (Redis down for minutes), ``run_until_stopped`` logs, waits and starts
+the service's loop over; uncommitted entries are still pending and come back. An entry
+that cannot be decoded goes to the dead-letter stream with the reason. Streams are
+trimmed only below the oldest entry some consumer group still needs.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
@@ -28,9 +56,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from hapo.messages import DeadLetter
+from hapo.transport.base import DATA_FIELD, Consumer, Entry, Output, Publisher
+from hapo.transport.messages import DeadLetter
 
-logger = logging.getLogger("hapo.streams")
+logger = logging.getLogger("hapo.transport.streams")
 
 ROLLOUT_GROUP = "rollout"
 REWARD_GROUP = "reward"
@@ -39,11 +68,13 @@ TRAINER_GROUP = "trainer"
 
 # Retry policy of every service's client: waits of 0.1, 0.2, 0.4, ... capped at 2 s. redis-py
 # applies it twice over (to each command, and to the reconnect inside each attempt), so a
-# dead server is retried for minutes before a command fails; the services' loops then log
-# and start over, and a trainer that fails resumes from its checkpoint.
+# dead server is retried for minutes before a command fails; ``run_until_stopped`` then
+# logs and starts over, and a trainer that fails resumes from its checkpoint.
 RETRY_BACKOFF_BASE_S = 0.05
 RETRY_BACKOFF_CAP_S = 2.0
 RETRIES = 20
+# Pause of ``run_until_stopped`` before it starts a loop over that failed on Redis.
+OUTAGE_PAUSE_S = 1.0
 
 
 class CountingRetry(Retry):
@@ -82,20 +113,8 @@ def connect(url: str) -> aioredis.Redis:
     (``ConnectionError``, ``TimeoutError``, and ``BusyLoadingError`` while a restarted
     server replays its AOF) are retried on a fresh connection with exponential backoff.
 
-    What a retry after a lost reply does (Redis executed the command, then died or the
-    connection broke before the reply arrived; with ``appendfsync always`` the effect is
-    on disk before the reply is sent):
-
-    - a ``MULTI``/``EXEC`` that publishes and acknowledges runs again: the ``XADD`` s add a
-      second copy of each output under new entry ids, the ``XACK`` s and ``SET`` s are
-      no-ops the second time. Every output carries its key (run, group, sample index), so
-      the copies are dropped downstream: the trainer's ``GroupAssembler`` keeps one sample
-      per index and refuses samples of groups already trained; a prompt group queued
-      twice is generated and scored twice and trained once; the reward worker scores a
-      duplicate trajectory again, which only costs time.
-    - an ``XREADGROUP`` or ``XAUTOCLAIM`` runs again: the entries of the lost reply are
-      pending at this consumer without it knowing. ``StreamConsumer`` sees the retry
-      (``CountingRetry.failures``) and replays its own pending entries next.
+    A retried command may have run already, its reply lost: point 4 of the module
+    docstring says what that does to a commit and to a read.
     """
     retry = CountingRetry(
         ExponentialBackoff(cap=RETRY_BACKOFF_CAP_S, base=RETRY_BACKOFF_BASE_S), RETRIES
@@ -136,14 +155,6 @@ class StreamNames:
         return f"{self.prefix}:dead"
 
 
-@dataclass(frozen=True)
-class Entry:
-    """One stream entry as read."""
-
-    id: bytes
-    fields: dict[bytes, bytes]
-
-
 async def ensure_group(client: aioredis.Redis, stream: str, group: str) -> None:
     """Create ``group`` on ``stream`` (and the stream) reading from the start; idempotent.
 
@@ -158,10 +169,10 @@ async def ensure_group(client: aioredis.Redis, stream: str, group: str) -> None:
 
 
 @dataclass
-class StreamConsumer:
+class StreamConsumer(Consumer):
     """Reads one stream in a consumer group: its own pending entries first (after a
     restart under the same name), then entries idle too long at dead consumers, then new
-    ones. Acknowledging is left to the caller's publishing transaction."""
+    ones. ``commit`` acknowledges them in the transaction that publishes what they gave."""
 
     client: aioredis.Redis
     stream: str
@@ -170,12 +181,15 @@ class StreamConsumer:
     batch_size: int = 256
     block_ms: int = 1000
     reclaim_idle_ms: int = 30_000
+    dead_stream: str | None = None
+    """Where ``commit`` moves dead entries (e.g. ``StreamNames.dead``)."""
     _replaying_own: bool = field(default=True, init=False)
     _own_cursor: str = field(default="0", init=False)
     _claim_cursor: str = field(default="0-0", init=False)
     _next_claim_at: float = field(default=0.0, init=False)
 
     async def start(self) -> None:
+        """Create the group (and the stream) if they do not exist yet."""
         await ensure_group(self.client, self.stream, self.group)
 
     async def read(self) -> list[Entry]:
@@ -254,23 +268,93 @@ class StreamConsumer:
             self._next_claim_at = now + self.reclaim_idle_ms / 2000
         return [Entry(entry_id, fields) for entry_id, fields in entries if fields]
 
-    def dead_letter(
-        self, pipe: aioredis.client.Pipeline, dead_stream: str, entry: Entry, reason: str
+    async def commit(
+        self,
+        outputs: Sequence[Output] = (),
+        acks: Sequence[Entry] = (),
+        dead: Sequence[tuple[Entry, str]] = (),
     ) -> None:
-        """Queue on ``pipe``: copy ``entry`` to the dead-letter stream with ``reason``."""
-        letter = DeadLetter(
+        """One ``MULTI``/``EXEC``: ``XADD`` the outputs and a ``DeadLetter`` per dead entry
+        (the reason and the entry byte for byte), ``XACK`` the acks and the dead entries.
+
+        Raises:
+            ValueError: dead entries, but no ``dead_stream``.
+        """
+        letters: list[Output] = []
+        for entry, reason in dead:
+            if self.dead_stream is None:
+                raise ValueError(f"consumer {self.consumer} has no dead-letter stream")
+            letters.append((self.dead_stream, self._dead_letter(entry, reason).to_bytes()))
+        done = dict.fromkeys(entry.id for entry in [*acks, *(entry for entry, _ in dead)])
+        await _transaction(
+            self.client, [*outputs, *letters], acks=(self.stream, self.group, list(done))
+        )
+
+    def _dead_letter(self, entry: Entry, reason: str) -> DeadLetter:
+        return DeadLetter(
             source_stream=self.stream,
             source_id=entry.id.decode(),
             consumer=self.consumer,
             reason=reason,
             fields=entry.fields,
         )
-        pipe.xadd(dead_stream, letter.encode())
 
-    def ack(self, pipe: aioredis.client.Pipeline, entries: list[Entry]) -> None:
-        """Queue on ``pipe``: acknowledge ``entries``."""
-        if entries:
-            pipe.xack(self.stream, self.group, *(entry.id for entry in entries))
+
+@dataclass(frozen=True)
+class StreamPublisher(Publisher):
+    """Appends messages to streams through ``client``."""
+
+    client: aioredis.Redis
+
+    async def publish(
+        self, outputs: Sequence[Output], values: Mapping[str, bytes | str | int] | None = None
+    ) -> None:
+        """One ``MULTI``/``EXEC``: ``XADD`` each output, ``SET`` each value."""
+        await _transaction(self.client, outputs, values=values)
+
+
+async def _transaction(
+    client: aioredis.Redis,
+    outputs: Sequence[Output],
+    *,
+    values: Mapping[str, bytes | str | int] | None = None,
+    acks: tuple[str, str, Sequence[bytes]] | None = None,
+) -> None:
+    """Append ``outputs`` (each payload in field ``data``), set ``values`` and acknowledge
+    ``acks`` (stream, group, entry ids) in one ``MULTI``/``EXEC``, the only Redis
+    transaction of the services. Nothing to do costs no round trip."""
+    pipe = client.pipeline(transaction=True)
+    for stream, payload in outputs:
+        pipe.xadd(stream, {DATA_FIELD: payload})
+    for key, value in (values or {}).items():
+        pipe.set(key, value)
+    if acks is not None and acks[2]:
+        stream, group, ids = acks
+        pipe.xack(stream, group, *ids)
+    await pipe.execute()
+
+
+async def run_until_stopped(
+    stop: asyncio.Event,
+    consumer: Consumer,
+    turn: Callable[[], Awaitable[None]],
+    pause_s: float = OUTAGE_PAUSE_S,
+) -> None:
+    """Await ``turn`` (one pass of a service's loop) until ``stop`` is set, riding out an
+    unreachable Redis.
+
+    A turn that fails with ``ConnectionError`` or ``TimeoutError`` (``connect``'s client
+    retried for minutes before giving up) committed nothing: its entries are still
+    pending. It is logged, ``consumer`` replays its own pending entries next, and after
+    ``pause_s`` the loop goes on. Any other error propagates.
+    """
+    while not stop.is_set():
+        try:
+            await turn()
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            logger.warning("Redis unavailable (%s); retrying in %.0f s", exc, pause_s)
+            consumer.recover()
+            await asyncio.sleep(pause_s)
 
 
 def _next_id(entry_id: bytes) -> bytes:

@@ -1,8 +1,9 @@
 """Wire schema of the Redis streams: one pydantic model per stream, msgpack on the wire.
 
 Token ids and log-probs travel as little-endian binary (``<i4`` / ``<f4`` bytes inside the
-msgpack map), never as lists of numbers. Every message is one stream entry with a single
-field, ``data``.
+msgpack map), never as lists of numbers. A message is bytes in, bytes out (``to_bytes`` /
+``from_bytes``); where the bytes go in a stream entry is the transport's business
+(``hapo.transport.base.Entry``).
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
-
-DATA_FIELD = b"data"
 
 
 class MalformedMessage(ValueError):
@@ -62,23 +61,20 @@ class _Message(BaseModel):
         extra="forbid", frozen=True, arbitrary_types_allowed=True, use_attribute_docstrings=True
     )
 
-    def encode(self) -> dict[bytes, bytes]:
-        """Fields of the stream entry (``XADD``)."""
-        return {DATA_FIELD: msgpack.packb(self.model_dump(), use_bin_type=True)}
+    def to_bytes(self) -> bytes:
+        """The message as msgpack."""
+        return msgpack.packb(self.model_dump(), use_bin_type=True)
 
     @classmethod
-    def decode(cls, fields: dict[bytes, bytes]) -> Self:
-        """Parse a stream entry's fields (``XREADGROUP``).
+    def from_bytes(cls, data: bytes) -> Self:
+        """Parse a message from its msgpack bytes.
 
         Raises:
-            MalformedMessage: missing field, bad msgpack, or a schema violation; the
-                message names the problem and is fit for the dead-letter stream.
+            MalformedMessage: bad msgpack or a schema violation; the message names the
+                problem and is fit for the dead-letter stream.
         """
-        payload = fields.get(DATA_FIELD)
-        if payload is None:
-            raise MalformedMessage(f"no '{DATA_FIELD.decode()}' field (fields: {sorted(fields)})")
         try:
-            raw = msgpack.unpackb(payload, raw=False)
+            raw = msgpack.unpackb(data, raw=False)
         except (ValueError, msgpack.UnpackException) as exc:
             raise MalformedMessage(f"undecodable msgpack ({type(exc).__name__}: {exc})") from None
         if not isinstance(raw, dict):

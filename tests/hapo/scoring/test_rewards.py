@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hapo.rewards import (
+from hapo.scoring.rewards import (
     RewardFunction,
     Score,
     fast_integer_answer,

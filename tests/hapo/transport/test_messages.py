@@ -10,7 +10,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hapo.messages import DATA_FIELD, MalformedMessage, PromptGroup, ScoredTrajectory, Trajectory
+from hapo.transport.messages import (
+    DATA_FIELD,
+    MalformedMessage,
+    PromptGroup,
+    ScoredTrajectory,
+    Trajectory,
+)
 
 
 def make_trajectory(**overrides) -> Trajectory:

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from hapo.rewards import RewardFunction, Score
-from services.reward.sandbox import ScoreItem, ScoringSandbox
+from hapo.scoring.rewards import RewardFunction, Score
+from hapo.scoring.sandbox import ScoreItem, ScoringSandbox
 
 SCORERS = "tests.services.reward.scorers"
 

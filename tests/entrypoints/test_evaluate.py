@@ -18,8 +18,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hapo.data import chat_prompt_ids, problem_stream
-from hapo.evaluate import (
+from entrypoints.evaluate import (
     EVAL_SEED,
     Z_95,
     confidence_interval,
@@ -27,11 +26,12 @@ from hapo.evaluate import (
     sample_and_score,
     wilson_interval,
 )
-from tests.hapo.test_cli import run as run_cli
+from hapo.data import chat_prompt_ids, problem_stream
+from tests.entrypoints.test_cli import run as run_cli
 from tests.services.rollout.conftest import tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
-SCORER = "tests.hapo.test_evaluate:odd_length"
+SCORER = "tests.entrypoints.test_evaluate:odd_length"
 SCORER_OVERRIDES = (f"reward.scorer={SCORER}", "reward.timeout_s=60")  # slow when loaded
 MAX_TOKENS = 12
 
@@ -150,7 +150,7 @@ def transformers_greedy(model_dir: Path, questions: list[str]) -> list[str]:
 
 @pytest.mark.slow
 async def test_greedy_matches_transformers_and_mean_at_k_samples(tiny_model_dir: Path) -> None:
-    from services.rollout.engine import build_engine
+    from hapo.inference.engine import build_engine
 
     config = tiny_config(
         tiny_model_dir, f"data.max_response_length={MAX_TOKENS}", *SCORER_OVERRIDES

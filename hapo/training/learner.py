@@ -2,9 +2,9 @@
 
 Pure tensor code (no I/O, no Redis, no clocks other than step timing): the trainer service
 feeds it complete groups and publishes what it returns. All HAPO maths comes from
-``hapo.algorithm`` and the model's log-probs from ``hapo.policy``; this module orders the
+``hapo.algorithm`` and the model's log-probs from ``hapo.training.policy``; this module orders the
 calls. ``learner_step``: old log-probs and token entropy with the current weights (no
-grad); ``norm_entropys`` of the whole step's batch (DESIGN.md decision 1); the advantage;
+grad); ``norm_entropys`` of the whole step's batch (docs/design.md, decision 1); the advantage;
 then ``ppo_epochs`` passes over mini-batches, each an optimizer step accumulated over
 micro-batches whose losses add up to the mini-batch's token-mean (decision 3), with
 ``h_hat`` from the current policy's entropy normalised by the step's statistics (decision
@@ -30,7 +30,7 @@ from hapo.algorithm import (
     log_entropy,
 )
 from hapo.config import AlgorithmConfig, HapoConfig, OptimConfig
-from hapo.policy import (
+from hapo.training.policy import (
     TrainingBatch,
     compute_dtype,
     old_log_probs_and_entropy,
@@ -89,7 +89,7 @@ def step_targets(
     batch: TrainingBatch, old_log_prob: torch.Tensor, entropy: torch.Tensor, config: HapoConfig
 ) -> StepTargets:
     """A step's targets from the whole batch's start-of-step log-probs and entropies
-    ``[B, R]``: ``norm_entropys`` (DESIGN.md decision 1), advantages and ``h_hat``."""
+    ``[B, R]``: ``norm_entropys`` (docs/design.md, decision 1), advantages and ``h_hat``."""
     actor, algorithm = config.actor_rollout_ref.actor, config.algorithm
     norm_entropys = compute_norm_entropys(
         entropy,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hapo.config import load_config
-from hapo.model_store import install_default_model, is_installed
+from hapo.runtime.model_store import install_default_model, is_installed
 
 
 def test_default_model_is_installed_and_loads() -> None:

@@ -13,6 +13,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+    from hapo.config import HapoConfig
 
 logger = logging.getLogger(__name__)
 
@@ -82,3 +88,13 @@ def install_default_model(model_dir: Path) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return model_dir
+
+
+def load_tokenizer(config: HapoConfig) -> Tokenizer:
+    """The model folder's fast tokenizer (``tokenizer.json``), for decoding token ids."""
+    from tokenizers import Tokenizer
+
+    path = config.model.local_path / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no tokenizer at {path} (model.path={config.model.path})")
+    return Tokenizer.from_file(str(path))

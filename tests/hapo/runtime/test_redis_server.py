@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from hapo.redis_server import RedisUnavailableError, ensure_redis, redis_answers
+from hapo.runtime.redis_server import RedisUnavailableError, ensure_redis, redis_answers
 from tests.helpers import free_port
 
 

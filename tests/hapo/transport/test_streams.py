@@ -6,8 +6,8 @@ import asyncio
 
 import redis.asyncio as aioredis
 
-from hapo.messages import DeadLetter
-from hapo.streams import StreamConsumer, StreamNames, ensure_group, trim_acknowledged
+from hapo.transport.messages import DeadLetter
+from hapo.transport.streams import StreamConsumer, StreamNames, ensure_group, trim_acknowledged
 
 
 async def _fill(client: aioredis.Redis, stream: str, count: int) -> list[bytes]:

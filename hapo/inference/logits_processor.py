@@ -1,8 +1,8 @@
 """HAPO's adaptive temperature as a vLLM V1 logits processor (HAPO part 1).
 
 Each request opts in through ``SamplingParams(extra_args={"hapo": {...}})`` (see
-``hapo.messages.AdaptiveTemperature``) and carries its own ``norm_entropys``, so the statistics
-change with every training step without restarting the engine, and a batch can mix
+``hapo.transport.messages.AdaptiveTemperature``) and carries its own ``norm_entropys``, so
+the statistics change with every training step without restarting the engine, and a batch can mix
 adaptive and plain requests with different ``tau``.
 
 vLLM applies non-argmax-invariant processors to the raw fp32 logits *before* its own
@@ -25,7 +25,7 @@ from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from hapo.algorithm import compute_entropy_based_temperature
-from hapo.messages import AdaptiveTemperature
+from hapo.transport.messages import AdaptiveTemperature
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig

@@ -22,7 +22,7 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 
 
 def test_help_does_not_import_torch() -> None:
-    code = "import sys, hapo.cli, hapo.config; print('torch' in sys.modules)"
+    code = "import sys, entrypoints.cli, hapo.config; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
     result = run("--help")

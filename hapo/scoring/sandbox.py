@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-from hapo.rewards import RewardFunction, Score
+from hapo.scoring.rewards import RewardFunction, Score
 
 logger = logging.getLogger(__name__)
 

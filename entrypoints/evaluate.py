@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 from hapo.config import HapoConfig
 from hapo.data import Problem, chat_prompt_ids, problem_stream
-from hapo.rewards import RewardFunction
+from hapo.scoring.rewards import RewardFunction
 
 if TYPE_CHECKING:
     from vllm import SamplingParams
@@ -148,8 +148,8 @@ async def sample_and_score(
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
-    from services.reward.sandbox import ScoreItem, ScoringSandbox
-    from services.reward.worker import load_tokenizer
+    from hapo.runtime.model_store import load_tokenizer
+    from hapo.scoring.sandbox import ScoreItem, ScoringSandbox
 
     tokenizer = AutoTokenizer.from_pretrained(config.model.local_path)
     max_prompt_length = config.data.max_prompt_length
@@ -216,7 +216,7 @@ def evaluate(
     """
     if k > 1 and temperature == 0:
         raise ValueError("mean@k with k > 1 needs a temperature > 0 (greedy samples agree)")
-    from services.rollout.engine import build_engine
+    from hapo.inference.engine import build_engine
 
     async def run() -> list[ProblemResult]:
         engine = build_engine(config, adaptive_processor=False)

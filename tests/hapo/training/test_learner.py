@@ -23,15 +23,14 @@ from hapo.algorithm import (
 )
 from hapo.algorithm import token_entropy as reference_entropy
 from hapo.config import HapoConfig, load_config
-from hapo.learner import (
+from hapo.training.learner import (
     StepTargets,
     accumulate_gradients,
     compute_advantages,
     learner_step,
     make_optimizer,
 )
-from hapo.messages import ScoredTrajectory
-from hapo.policy import (
+from hapo.training.policy import (
     TrainingBatch,
     build_batch,
     compute_dtype,
@@ -39,6 +38,7 @@ from hapo.policy import (
     old_log_probs_and_entropy,
     policy_log_probs,
 )
+from hapo.transport.messages import ScoredTrajectory
 from tests.helpers import scored_trajectories
 
 VOCAB, PAD = 128, 0

@@ -23,8 +23,8 @@ from rich.live import Live
 from rich.table import Table
 
 from hapo.config import HapoConfig, env_var_name
-from hapo.model_store import install_default_model, is_installed
-from hapo.redis_server import ensure_redis
+from hapo.runtime.model_store import install_default_model, is_installed
+from hapo.runtime.redis_server import ensure_redis
 
 _COLUMNS = {
     "step": "step",
