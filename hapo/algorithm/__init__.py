@@ -11,6 +11,8 @@ release's name and signature so verl users can port:
 
 ``hapo_policy_loss`` puts 3 and 4 into the dual-clip PPO loss; ``compute_norm_entropys``
 and ``entropy_h_hat`` turn token entropies into the normalised ``h_hat`` all parts use.
+``adaptive_temperature_log_probs`` recomputes a token's log-prob at the adaptive
+temperature it was sampled at.
 
 Where we depart from the reference release (``starriver030515/HAPO``), and why:
 
@@ -42,7 +44,7 @@ from hapo.algorithm.advantage import (
     group_ids,
 )
 from hapo.algorithm.entropy import chunk_logits, entropy_from_logits_chunked, token_entropy
-from hapo.algorithm.logprob import taken_log_probs_chunked
+from hapo.algorithm.logprob import adaptive_temperature_log_probs, taken_log_probs_chunked
 from hapo.algorithm.loss import ada_advantage, ada_clip, hapo_policy_loss
 from hapo.algorithm.temperature import (
     NormEntropys,
@@ -57,6 +59,7 @@ __all__ = [
     "NormEntropys",
     "ada_advantage",
     "ada_clip",
+    "adaptive_temperature_log_probs",
     "chunk_logits",
     "compute_entropy_based_temperature",
     "compute_grpo_outcome_advantage",

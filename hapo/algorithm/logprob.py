@@ -1,11 +1,16 @@
-"""Log-probs of taken tokens from hidden states, a chunk of vocabulary logits at a time,
-with a backward pass that recomputes each chunk instead of keeping the ``[N, V]`` logits."""
+"""Log-probs of taken tokens, a chunk of vocabulary logits at a time: at one temperature
+from hidden states, with a backward pass that recomputes each chunk instead of keeping the
+``[N, V]`` logits; and, without gradient, at each token's own adaptive sampling
+temperature, as the rollout reports them."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
 from hapo.algorithm.entropy import chunk_logits, token_entropy
+from hapo.algorithm.temperature import compute_entropy_based_temperature
 
 
 class _TakenLogProb(torch.autograd.Function):
@@ -112,3 +117,82 @@ def taken_log_probs_chunked(
         hidden, weight, targets, temperature, chunk_size, with_entropy
     )
     return log_prob, entropy if with_entropy else None
+
+
+@torch.no_grad()
+def adaptive_temperature_log_probs(
+    logits_or_hidden: torch.Tensor,
+    token_ids: torch.Tensor,
+    lm_head_weight: torch.Tensor | None = None,
+    *,
+    temperature: float | torch.Tensor = 1.0,
+    temperature_tau: float | torch.Tensor = 0.05,
+    norm_entropys: Sequence[float | torch.Tensor] | None = None,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Log-prob of each taken token at the temperature it was sampled at (``T_dyn``).
+
+    The behaviour log-prob the rollout reports (vLLM's ``processed_logprobs`` under
+    ``hapo.inference.logits_processor``), recomputed from these logits by the sampler's
+    operations in the sampler's order: the raw fp32 logits ``z`` are divided by
+    ``1 + h_hat * tau`` from ``compute_entropy_based_temperature``, ``h_hat`` being that of
+    the entropy of the raw ``z``, then by the base temperature ``T``, and ``log_softmax``
+    gives the taken token's log-prob: ``log softmax(z / T_dyn)[token]`` with
+    ``T_dyn = T * (1 + h_hat * tau)``. Without ``norm_entropys`` (adaptive temperature off,
+    or the first step) it is ``log softmax(z / T)[token]``. Top-k, top-p (the default is
+    1) and penalties are not modelled.
+
+    One chunk of ``chunk_size x V`` fp32 logits (and its temporaries) exists at a time.
+    Computed without gradient: it measures (``pi_prox`` at ``T_dyn``, to compare with the
+    behaviour log-probs), it is not a loss input.
+
+    Args:
+        logits_or_hidden: ``[..., V]`` logits, or ``[..., H]`` final hidden states when
+            ``lm_head_weight`` ``[V, H]`` is given; any float dtype.
+        token_ids: ``[...]`` int64 ids of the taken tokens.
+        temperature: base temperature ``T`` (> 0).
+        temperature_tau: relative range ``tau`` of the adaptive temperature; 0 for a row
+            sampled at the plain temperature.
+        norm_entropys: ``(pivot, std, scale_pos, scale_neg)`` the tokens were sampled with.
+            This, ``temperature`` and ``temperature_tau`` take floats or tensors that
+            broadcast to ``[...]``, e.g. ``[B, 1]``: one value per sample of a ``[B, T]``
+            batch whose samples come from different policy versions.
+        chunk_size: rows of the flattened ``[...]`` per chunk.
+
+    Returns:
+        ``[...]`` fp32 log-probs.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if (torch.as_tensor(temperature) <= 0).any():
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    *lead, width = logits_or_hidden.shape
+    if token_ids.shape != tuple(lead):
+        raise ValueError(f"token_ids {tuple(token_ids.shape)} must have shape {tuple(lead)}")
+    rows = logits_or_hidden.reshape(-1, width)
+    targets = token_ids.reshape(-1, 1)
+    device = rows.device
+
+    def per_row(value: float | torch.Tensor) -> torch.Tensor:
+        """``[N]`` fp32: the sampler's per-row statistics are fp32 tensors as well."""
+        values = torch.as_tensor(value, dtype=torch.float32, device=device)
+        return values.expand(lead).reshape(-1)
+
+    base_temperature = per_row(temperature)
+    if norm_entropys is not None:
+        tau, stats = per_row(temperature_tau), [per_row(value) for value in norm_entropys]
+    log_prob = torch.empty(rows.shape[0], dtype=torch.float32, device=device)
+    for start in range(0, rows.shape[0], chunk_size):
+        end = start + chunk_size
+        # Out of place: for fp32 logits, chunk_logits returns a view of the caller's tensor.
+        logits = chunk_logits(rows[start:end], lm_head_weight)
+        if norm_entropys is not None:
+            ones = torch.ones_like(tau[start:end])
+            chunk_stats = tuple(value[start:end] for value in stats)
+            factor = compute_entropy_based_temperature(
+                logits, ones, True, tau[start:end], chunk_stats
+            )
+            logits = logits / factor.unsqueeze(-1)
+        logits = logits / base_temperature[start:end, None]
+        log_prob[start:end] = logits.log_softmax(dim=-1).gather(-1, targets[start:end]).squeeze(-1)
+    return log_prob.reshape(lead)
