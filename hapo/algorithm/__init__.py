@@ -11,8 +11,9 @@ release's name and signature so verl users can port:
 
 ``hapo_policy_loss`` puts 3 and 4 into the dual-clip PPO loss; ``compute_norm_entropys``
 and ``entropy_h_hat`` turn token entropies into the normalised ``h_hat`` all parts use.
-``adaptive_temperature_log_probs`` recomputes a token's log-prob at the adaptive
-temperature it was sampled at.
+``compute_rollout_correction`` weights each token's loss by the behaviour correction of
+asynchronous rollouts; ``adaptive_temperature_log_probs`` recomputes a token's log-prob at
+the adaptive temperature it was sampled at.
 
 Where we depart from the reference release (``starriver030515/HAPO``), and why:
 
@@ -35,6 +36,13 @@ Where we depart from the reference release (``starriver030515/HAPO``), and why:
   garbage log-prob at a masked position cannot turn the gradient into NaN.
 - Entropy is computed in one ``logsumexp``-style pass with masked (``-inf``) logits
   handled, and in chunks for ``[B, T, V]`` inputs (``entropy_from_logits_chunked``).
+- Rollouts are asynchronous: a sample's behaviour policy ``mu`` (an older policy version,
+  at the adaptive temperature) is not ``pi_prox``, the learner's recomputed
+  ``old_log_prob``. As in decoupled PPO (AReaL, verl's rollout correction) the ratio stays
+  ``pi_theta / pi_prox`` and each token's loss is weighted by ``w = pi_prox / mu``,
+  truncated at 2 by default, or whole sequences are dropped (``compute_rollout_correction``,
+  ``hapo_policy_loss(rollout_is_weights=...)``). The release assumes ``mu = pi_prox``;
+  ``algorithm.rollout_correction.mode=off`` reproduces it.
 """
 
 from hapo.algorithm.advantage import (
@@ -42,6 +50,11 @@ from hapo.algorithm.advantage import (
     compute_grpo_outcome_advantage,
     compute_hapo_outcome_advantage,
     group_ids,
+)
+from hapo.algorithm.correction import (
+    ROLLOUT_CORRECTION_MODES,
+    RolloutCorrectionMode,
+    compute_rollout_correction,
 )
 from hapo.algorithm.entropy import chunk_logits, entropy_from_logits_chunked, token_entropy
 from hapo.algorithm.logprob import adaptive_temperature_log_probs, taken_log_probs_chunked
@@ -56,7 +69,9 @@ from hapo.algorithm.temperature import (
 
 __all__ = [
     "FALLBACK_THRESHOLD",
+    "ROLLOUT_CORRECTION_MODES",
     "NormEntropys",
+    "RolloutCorrectionMode",
     "ada_advantage",
     "ada_clip",
     "adaptive_temperature_log_probs",
@@ -65,6 +80,7 @@ __all__ = [
     "compute_grpo_outcome_advantage",
     "compute_hapo_outcome_advantage",
     "compute_norm_entropys",
+    "compute_rollout_correction",
     "entropy_from_logits_chunked",
     "entropy_h_hat",
     "group_ids",

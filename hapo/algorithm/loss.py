@@ -1,5 +1,6 @@
 """HAPO policy loss: PPO clipped surrogate with asymmetric adaptive clipping (part 4) and
-differential advantage redistribution (part 3), dual-clip, token-mean aggregation."""
+differential advantage redistribution (part 3), dual-clip, token-mean aggregation, each
+token's loss optionally weighted by the behaviour correction (``correction.py``)."""
 
 from __future__ import annotations
 
@@ -89,6 +90,7 @@ def hapo_policy_loss(
     adaptive_advantage: bool = True,
     adv_beta: float = 1.0,
     global_num_tokens: int | float | torch.Tensor | None = None,
+    rollout_is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """HAPO clipped policy-gradient loss.
 
@@ -103,6 +105,10 @@ def hapo_policy_loss(
             of. The loss is ``sum(token losses) / global_num_tokens``, so the losses (and
             gradients) of micro-batches add up to the full batch's token-mean. Defaults to
             this micro-batch's own count.
+        rollout_is_weights: ``[B, T]`` behaviour-correction weights ``pi_prox / mu``
+            (``compute_rollout_correction``) multiplying each token's loss after the dual
+            clip, as verl does; no gradient flows into them. Dropping tokens is the
+            caller's ``response_mask``. ``None``: the loss is exactly the uncorrected one.
 
     Returns:
         ``(loss, metrics)``. Metrics are detached scalars, token-means over this
@@ -133,6 +139,10 @@ def hapo_policy_loss(
     clipped_loss = torch.maximum(pg_loss1, pg_loss2)
     pg_loss3 = -advantages * clip_ratio_c
     pg_losses = torch.where(advantages < 0, torch.minimum(clipped_loss, pg_loss3), clipped_loss)
+    if rollout_is_weights is not None:
+        # The weights change the measure the expectation is taken under (mu's samples for
+        # pi_prox's), not the objective: they are constants of the gradient.
+        pg_losses = pg_losses * rollout_is_weights.detach()
 
     num_tokens = mask.sum()
     denominator = num_tokens.clamp_min(1) if global_num_tokens is None else global_num_tokens

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -42,6 +44,23 @@ def ppo_dual_clip_loss(log_prob, old_log_prob, adv, mask, low, high, clip_c):
     clip2 = torch.min(-adv * clip_c, clip1)
     losses = torch.where(adv < 0, clip2, clip1)
     return (losses * mask).sum() / mask.sum()
+
+
+def loop_weighted_ppo_loss(log_prob, old_log_prob, adv, mask, weights, low, high, clip_c):
+    """Dual-clip PPO, each token's loss times its behaviour weight, one float at a time."""
+    total, count = 0.0, 0
+    for lp, old, a, valid, w in zip(
+        *(t.flatten().tolist() for t in (log_prob, old_log_prob, adv, mask, weights)),
+        strict=True,
+    ):
+        if not valid:
+            continue
+        ratio = math.exp(lp - old)
+        clipped = max(-a * ratio, -a * min(max(ratio, 1 - low), 1 + high))
+        token_loss = min(clipped, -a * clip_c) if a < 0 else clipped
+        total += token_loss * w
+        count += 1
+    return total / count
 
 
 def make_batch(seed: int, batch: int = 8, seq_len: int = 12):
@@ -177,3 +196,77 @@ def test_bad_dual_clip_bound() -> None:
     log_prob, old, adv, mask, h_hat = make_batch(0)
     with pytest.raises(ValueError, match="clip_ratio_c"):
         hapo_policy_loss(log_prob, old, adv, mask, h_hat, clip_ratio_c=1.0)
+
+
+PLAIN = dict(clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.booleans())
+def test_unit_weights_are_bit_identical_to_none(seed: int, adaptive: bool) -> None:
+    """What ``rollout_correction.mode=off`` gives the loss changes nothing, to the bit."""
+    log_prob, old, adv, mask, h_hat = make_batch(seed)
+    kwargs = dict(adaptive_clip=adaptive, adaptive_advantage=adaptive)
+    losses, grads = [], []
+    for weights in (None, mask.float()):
+        param = log_prob.clone().requires_grad_()
+        loss, metrics = hapo_policy_loss(
+            param, old, adv, mask, h_hat, rollout_is_weights=weights, **kwargs
+        )
+        loss.backward()
+        losses.append((loss, metrics))
+        grads.append(param.grad)
+    assert torch.equal(losses[0][0], losses[1][0]) and torch.equal(grads[0], grads[1])
+    assert all(torch.equal(losses[0][1][k], losses[1][1][k]) for k in losses[0][1])
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.floats(0.0, 2.0))
+def test_weights_multiply_each_token_loss(seed: int, scale: float) -> None:
+    log_prob, old, adv, mask, h_hat = make_batch(seed)
+    generator = torch.Generator().manual_seed(seed)
+    weights = torch.rand(old.shape, generator=generator) * scale
+    loss, _ = hapo_policy_loss(
+        log_prob,
+        old,
+        adv,
+        mask,
+        h_hat,
+        adaptive_clip=False,
+        adaptive_advantage=False,
+        rollout_is_weights=weights,
+        **PLAIN,
+    )
+    expected = loop_weighted_ppo_loss(log_prob, old, adv, mask, weights, 0.2, 0.28, 3.0)
+    assert math.isclose(loss.item(), expected, rel_tol=1e-5, abs_tol=1e-6)
+
+
+def test_hand_computed_weighted_loss() -> None:
+    # Two tokens, ratio e^0 = 1 (unclipped), advantages (1, -2), weights (2, 0.5):
+    # token losses -A * ratio = (-1, 2), weighted (-2, 1), token mean (-2 + 1) / 2 = -0.5.
+    zeros = torch.zeros(1, 2)
+    loss, metrics = hapo_policy_loss(
+        zeros,
+        zeros,
+        torch.tensor([[1.0, -2.0]]),
+        torch.ones(1, 2, dtype=torch.bool),
+        zeros,
+        rollout_is_weights=torch.tensor([[2.0, 0.5]]),
+    )
+    assert loss.item() == -0.5 and metrics["loss/pg_loss"].item() == -0.5
+
+
+def test_weights_scale_the_gradient_and_get_none() -> None:
+    log_prob, old, adv, mask, h_hat = make_batch(5)
+    weights = torch.rand(old.shape, generator=torch.Generator().manual_seed(5)) * 2
+    weights.requires_grad_()
+    grads = []
+    for rollout_is_weights in (None, weights):
+        param = log_prob.clone().requires_grad_()
+        loss, _ = hapo_policy_loss(
+            param, old, adv, mask, h_hat, rollout_is_weights=rollout_is_weights
+        )
+        loss.backward()
+        grads.append(param.grad)
+    torch.testing.assert_close(grads[1], grads[0] * weights.detach())
+    assert weights.grad is None  # the weights are constants of the gradient
