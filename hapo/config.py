@@ -91,6 +91,43 @@ class ActorRolloutRefConfig(_Section):
     """Sampling."""
 
 
+class RolloutCorrectionConfig(_Section):
+    """Behaviour correction of asynchronous rollouts (decoupled PPO): each token's loss is
+    weighted by ``w = pi_prox / mu``, truncated, or whole sequences are dropped
+    (``hapo.algorithm.compute_rollout_correction``). The thresholds have verl's names."""
+
+    mode: Literal["off", "token_tis", "seq_tis", "seq_mask", "geo_mask"] = "token_tis"
+    """``off``: none (the reference release); ``token_tis``: ``min(w, rollout_is_threshold)``
+    per token; ``seq_tis``: the sequence's product of ``w``, truncated likewise, on each of
+    its tokens; ``seq_mask``/``geo_mask``: drop sequences whose product/geometric mean of
+    ``w`` is outside ``[rollout_rs_threshold_lower, rollout_rs_threshold]``."""
+    rollout_is_threshold: float = Field(2.0, gt=1.0)
+    """Truncation cap of the ``token_tis`` and ``seq_tis`` weights."""
+    rollout_rs_threshold: float = Field(2.0, ge=1.0)
+    """Largest ratio ``seq_mask``/``geo_mask`` keep; a geometric mean needs a tight bound
+    such as 1.001."""
+    rollout_rs_threshold_lower: float | None = Field(None, gt=0.0, le=1.0)
+    """Smallest ratio ``seq_mask``/``geo_mask`` keep; unset: ``1 / rollout_rs_threshold``."""
+    recompute_at_sampling_temperature: bool = False
+    """Take ``pi_prox`` of the correction and of its ``rollout_corr/`` metrics at each
+    token's sampling temperature ``T_dyn`` (``adaptive_temperature_log_probs``), so that
+    ``w`` measures staleness and engine mismatch only; the PPO ratio keeps ``pi_prox`` at
+    the base temperature. False: at the base temperature, so ``w`` also reweights
+    ``T_dyn``'s samples towards the base temperature."""
+
+    @model_validator(mode="after")
+    def _check_rejection_bounds(self) -> Self:
+        upper, lower = self.rollout_rs_threshold, self.rollout_rs_threshold_lower
+        if lower is None:
+            lower = 1.0 / upper
+        if lower >= upper:
+            raise ValueError(
+                f"rollout_rs_threshold_lower ({lower}; unset: 1 / rollout_rs_threshold) "
+                f"must be below rollout_rs_threshold ({upper})"
+            )
+        return self
+
+
 class AlgorithmConfig(_Section):
     adv_estimator: Literal["hapo", "grpo"] = "hapo"
     """Advantage: token-level group average with GRPO fallback (hapo) or GRPO."""
@@ -102,6 +139,8 @@ class AlgorithmConfig(_Section):
     """Let padding positions trigger the HAPO->GRPO fallback, as the seed code does."""
     reference_micro_batch_h_hat: bool = False
     """Normalise training-time h_hat per micro-batch, as the reference does."""
+    rollout_correction: RolloutCorrectionConfig = RolloutCorrectionConfig()
+    """Behaviour correction of samples drawn by an older policy (``mode=off``: none)."""
 
 
 class OverlongBufferConfig(_Section):
@@ -388,7 +427,8 @@ def _format_errors(error: ValidationError) -> str:
         if item["type"] == "extra_forbidden":
             lines.append(f"unknown key '{key}'{_suggest(key)}")
         elif key:
-            lines.append(f"{key}: {item['msg']} (got {item.get('input')!r})")
+            message = item["msg"].removeprefix("Value error, ")
+            lines.append(f"{key}: {message} (got {item.get('input')!r})")
         else:
             lines.append(item["msg"].removeprefix("Value error, "))
     return "invalid config:\n  " + "\n  ".join(lines)

@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from hapo.config import ConfigError, HapoConfig, env_var_name, iter_keys, load_config
+from hapo.algorithm import ROLLOUT_CORRECTION_MODES
+from hapo.config import (
+    ConfigError,
+    HapoConfig,
+    RolloutCorrectionConfig,
+    env_var_name,
+    iter_keys,
+    load_config,
+)
 
 SEED_EXAMPLE = """
 actor_rollout_ref::
@@ -107,6 +115,40 @@ def test_overlong_buffer_must_fit_the_response() -> None:
             overrides=["reward.overlong_buffer.enable=true", "reward.overlong_buffer.len=64"],
             environ={},
         )
+
+
+def test_rollout_correction_keys() -> None:
+    correction = load_config(environ={}).algorithm.rollout_correction
+    assert correction.mode == "token_tis" and correction.rollout_is_threshold == 2.0
+    assert (correction.rollout_rs_threshold, correction.rollout_rs_threshold_lower) == (2.0, None)
+    assert not correction.recompute_at_sampling_temperature
+    assert typing.get_args(RolloutCorrectionConfig.model_fields["mode"].annotation) == (
+        ROLLOUT_CORRECTION_MODES
+    )
+    prefix = "algorithm.rollout_correction"
+    config = load_config(
+        overrides=[f"{prefix}.mode=geo_mask", f"{prefix}.rollout_rs_threshold=1.001"],
+        environ={"HAPO_ALGORITHM_ROLLOUT_CORRECTION_ROLLOUT_RS_THRESHOLD_LOWER": "0.999"},
+    )
+    assert config.algorithm.rollout_correction.mode == "geo_mask"
+    assert config.algorithm.rollout_correction.rollout_rs_threshold_lower == 0.999
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["mode=on"], r"algorithm\.rollout_correction\.mode: Input should be 'off', 'token_tis'"),
+        (["mdoe=off"], r"unknown key 'algorithm\.rollout_correction\.mdoe'; did you mean 'algorithm\.rollout_correction\.mode'"),
+        (["rollout_is_threshold=1"], r"algorithm\.rollout_correction\.rollout_is_threshold: Input should be greater than 1"),
+        (["rollout_rs_threshold_lower=0"], r"algorithm\.rollout_correction\.rollout_rs_threshold_lower: Input should be greater than 0"),
+        (["rollout_rs_threshold=1"], r"algorithm\.rollout_correction: rollout_rs_threshold_lower \(1\.0; unset: 1 / rollout_rs_threshold\) must be below rollout_rs_threshold \(1\.0\)"),
+        (["rollout_rs_threshold=1", "rollout_rs_threshold_lower=1"], r"algorithm\.rollout_correction: rollout_rs_threshold_lower \(1\.0"),
+        (["recompute_at_sampling_temperature=maybe"], r"algorithm\.rollout_correction\.recompute_at_sampling_temperature: Input should be a valid boolean"),
+    ],
+)  # fmt: skip
+def test_bad_rollout_correction_names_the_key(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=[f"algorithm.rollout_correction.{o}" for o in overrides], environ={})
 
 
 def test_precedence_file_env_override(tmp_path: Path) -> None:
