@@ -11,6 +11,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from hapo.runtime.redis_server import redis_answers, server_command
 from hapo.transport.messages import ScoredTrajectory
@@ -114,3 +116,20 @@ class RedisServer:
         if self.process is not None:
             self.process.kill()
             self.process.wait(10)
+
+
+def tiny_llama(
+    vocab: int = 128, pad: int | None = 0, seed: int = 0, **config: int
+) -> LlamaForCausalLM:
+    """A tiny random Llama with tied embeddings (2 layers of width 64 unless ``config``
+    says otherwise), the same weights for the same arguments."""
+    torch.manual_seed(seed)
+    shape = dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32,
+    )  # fmt: skip
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=vocab, pad_token_id=pad, tie_word_embeddings=True, **(shape | config)
+        )
+    )

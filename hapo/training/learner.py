@@ -30,6 +30,7 @@ from hapo.algorithm import (
     log_entropy,
 )
 from hapo.config import AlgorithmConfig, HapoConfig, OptimConfig
+from hapo.training.collectives import LOCAL, Collectives, check_shardable
 from hapo.training.policy import (
     TrainingBatch,
     compute_dtype,
@@ -145,7 +146,7 @@ def accumulate_gradients(
 
     ``global_num_tokens`` overrides that count: a data-parallel rank holding one shard of a
     mini-batch passes the whole mini-batch's count, so that the ranks' gradients *sum* to
-    the mini-batch's token-mean gradient (``services/trainer/ray_learner.py``).
+    the mini-batch's token-mean gradient (``hapo.training.collectives``).
 
     Returns:
         The mini-batch's loss (a detached scalar), the sum of its micro-batches' losses.
@@ -265,6 +266,7 @@ def learner_step(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     batch: TrainingBatch,
     config: HapoConfig,
+    collectives: Collectives = LOCAL,
 ) -> LearnerStepResult:
     """One training step on a batch of complete groups (module docstring, steps 1-2).
 
@@ -273,18 +275,27 @@ def learner_step(
     An update whose gradient norm is not finite is skipped (counted in
     ``loss/skipped_updates``). The scheduler steps once per call. The batch moves to the
     model's device; ``trainer.precision`` picks the compute dtype there.
+
+    ``collectives`` is ``LOCAL`` in one process; a data-parallel rank passes its
+    ``DataParallel`` and works on its shards, and every rank gets the same result
+    (``hapo.training.collectives``). Needs an initialised process group then.
+
+    Raises:
+        ValueError: the batch or a mini-batch does not split evenly over the ranks.
     """
+    check_shardable(batch.size, config, collectives.world_size)
     start = time.perf_counter()
     actor = config.actor_rollout_ref.actor
     batch = batch.to(next(model.parameters()).device)
     old_log_prob, entropy = old_log_probs_and_entropy(
         model,
-        batch,
+        batch.select(collectives.shard(0, batch.size)),
         actor.ppo_micro_batch_size_per_gpu,
         temperature=_temperature(config),
         chunk_size=config.trainer.logits_chunk_size,
         dtype=compute_dtype(config, batch.input_ids.device),
     )
+    old_log_prob, entropy = collectives.gather_rows(old_log_prob), collectives.gather_rows(entropy)
     targets = step_targets(batch, old_log_prob, entropy, config)
     old_pass_s = time.perf_counter() - start
 
@@ -294,15 +305,27 @@ def learner_step(
     skipped = 0
     for _ in range(actor.ppo_epochs):
         for first in range(0, batch.size, mini):
-            rows = slice(first, first + mini)
+            size = min(mini, batch.size - first)
+            rows = collectives.shard(first, size)
             optimizer.zero_grad(set_to_none=True)
             loss = accumulate_gradients(
-                model, batch.select(rows), targets.select(rows), config, means
+                model,
+                batch.select(rows),
+                targets.select(rows),
+                config,
+                means,
+                global_num_tokens=batch.response_mask[first : first + size].sum(),
             )
+            collectives.sum_gradients(model)
+            # Recorded on every rank; the weights sum to world_size like the values.
+            loss = collectives.sum_(loss)
             skipped += not clipped_optimizer_step(model, optimizer, actor.grad_clip, loss, means)
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
-    return step_result(batch, targets, entropy, means, lr, skipped, start, old_pass_s)
+    collectives.sum_means(means)
+    result = step_result(batch, targets, entropy, means, lr, skipped, start, old_pass_s)
+    result.metrics["perf/data_parallel_ranks"] = float(collectives.world_size)
+    return result
 
 
 def clipped_optimizer_step(

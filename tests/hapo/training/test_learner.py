@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from hapo.algorithm import (
     compute_norm_entropys,
@@ -39,7 +39,7 @@ from hapo.training.policy import (
     policy_log_probs,
 )
 from hapo.transport.messages import ScoredTrajectory
-from tests.helpers import scored_trajectories
+from tests.helpers import scored_trajectories, tiny_llama
 
 VOCAB, PAD = 128, 0
 # (prompt length, response length, reward) of two groups of four samples.
@@ -51,13 +51,7 @@ SAMPLES = [
 
 @pytest.fixture
 def model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=32, tie_word_embeddings=True,
-        pad_token_id=PAD,
-    )  # fmt: skip
-    return LlamaForCausalLM(config)
+    return tiny_llama(VOCAB, PAD)
 
 
 def _trajectories() -> list[ScoredTrajectory]:

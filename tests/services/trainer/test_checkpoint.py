@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 from vllm import SamplingParams
 
 from hapo.config import load_config
@@ -17,23 +17,14 @@ from hapo.inference.engine import build_engine
 from hapo.training.learner import make_optimizer
 from services.trainer import checkpoint
 from services.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from tests.helpers import tiny_llama
 from tests.services.rollout.conftest import tiny_config
 
 
 def _trainer() -> tuple[LlamaForCausalLM, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """A tiny Llama with tied embeddings (stored once by safetensors) and its optimizer."""
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=16,
-            tie_word_embeddings=True,
-        )
+    model = tiny_llama(
+        vocab=64, pad=None, hidden_size=32, intermediate_size=64, num_hidden_layers=1, head_dim=16
     )
     optim = load_config(
         overrides=["actor_rollout_ref.actor.optim.lr=1e-2"], environ={}

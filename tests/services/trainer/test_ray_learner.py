@@ -20,10 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from hapo.algorithm import compute_norm_entropys, entropy_h_hat, log_entropy
 from hapo.config import HapoConfig, load_config
+from hapo.training.collectives import check_shardable, shard_rows
 from hapo.training.learner import (
     StepTargets,
     accumulate_gradients,
@@ -31,8 +32,8 @@ from hapo.training.learner import (
     learner_step,
 )
 from hapo.training.policy import TrainingBatch, build_batch, old_log_probs_and_entropy
-from services.trainer.ray_learner import RayLearner, check_shardable, shard_rows
-from tests.helpers import scored_trajectories, wait_for
+from services.trainer.ray_learner import RayLearner
+from tests.helpers import scored_trajectories, tiny_llama, wait_for
 from tests.services.trainer.conftest import ScoredFeeder, TrainerServer
 
 VOCAB, PAD, LR = 128, 0, 0.1
@@ -49,13 +50,7 @@ RTOL, UPDATE_RTOL = 1e-5, 1e-4
 
 
 def _model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=32, tie_word_embeddings=True,
-        pad_token_id=PAD,
-    )  # fmt: skip
-    return LlamaForCausalLM(config)
+    return tiny_llama(VOCAB, PAD)
 
 
 def _batch() -> TrainingBatch:
