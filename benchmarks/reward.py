@@ -17,6 +17,7 @@ GSM8K's ``#### <integer>``. Last line:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import random
 import subprocess
@@ -30,8 +31,9 @@ import redis
 from tokenizers import Tokenizer
 
 from hapo.config import load_config
+from hapo.transport.base import DATA_FIELD, Publisher
 from hapo.transport.messages import ScoredTrajectory, Trajectory
-from hapo.transport.streams import StreamNames
+from hapo.transport.streams import StreamNames, StreamPublisher, connect
 
 
 def gsm8k_style(rng: random.Random, index: int) -> tuple[str, str]:
@@ -72,12 +74,15 @@ def make_trajectories(tokenizer: Tokenizer, count: int, seed: int) -> list[Traje
     ]
 
 
-def _publish(client: redis.Redis, stream: str, trajectories: list[Trajectory]) -> None:
-    pipe = client.pipeline(transaction=False)
-    for trajectory in trajectories:
-        # created_at is the moment it enters the stream: latency starts here.
-        pipe.xadd(stream, trajectory.model_copy(update={"created_at": time.time()}).encode())
-    pipe.execute()
+def _publish(
+    runner: asyncio.Runner, publisher: Publisher, stream: str, trajectories: list[Trajectory]
+) -> None:
+    # created_at is the moment it enters the stream: latency starts here.
+    outputs = [
+        (stream, trajectory.model_copy(update={"created_at": time.time()}).to_bytes())
+        for trajectory in trajectories
+    ]
+    runner.run(publisher.publish(outputs))
 
 
 def _wait_scored(client: redis.Redis, stream: str, count: int, timeout_s: float) -> None:
@@ -89,7 +94,7 @@ def _wait_scored(client: redis.Redis, stream: str, count: int, timeout_s: float)
 
 
 def _scored(client: redis.Redis, stream: str) -> list[ScoredTrajectory]:
-    return [ScoredTrajectory.decode(fields) for _, fields in client.xrange(stream)]
+    return [ScoredTrajectory.from_bytes(fields[DATA_FIELD]) for _, fields in client.xrange(stream)]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -102,6 +107,9 @@ def main(argv: list[str] | None = None) -> dict:
     config = load_config()
     names = StreamNames(f"bench-{uuid.uuid4().hex[:8]}")
     client = redis.Redis.from_url(config.redis.url)
+    # One event loop for the whole run: the publisher's asyncio client lives on it.
+    runner = asyncio.Runner()
+    publisher = StreamPublisher(connect(config.redis.url))
     tokenizer = Tokenizer.from_file(str(config.model.local_path / "tokenizer.json"))
     trajectories = make_trajectories(tokenizer, args.count, args.seed)
     hapo = str(Path(sys.executable).with_name("hapo"))
@@ -122,12 +130,12 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         print(f"{args.workers} workers starting; {args.count} trajectories ready", flush=True)
         warm = make_trajectories(tokenizer, 64 * args.workers, args.seed + 1)
-        _publish(client, names.trajectories, warm)  # spawn scorers, import math-verify
+        _publish(runner, publisher, names.trajectories, warm)  # spawn scorers, import math-verify
         _wait_scored(client, names.scored, len(warm), 120)
         client.delete(names.scored)
 
         started = time.time()
-        _publish(client, names.trajectories, trajectories)
+        _publish(runner, publisher, names.trajectories, trajectories)
         _wait_scored(client, names.scored, args.count, 600)
         burst = _scored(client, names.scored)
         scored_per_s = args.count / (max(m.scored_at for m in burst) - started)
@@ -136,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         chunk = 50
         for start in range(0, args.count, chunk):
-            _publish(client, names.trajectories, trajectories[start : start + chunk])
+            _publish(runner, publisher, names.trajectories, trajectories[start : start + chunk])
             time.sleep(chunk / (0.75 * scored_per_s))
         _wait_scored(client, names.scored, args.count, 600)
         paced = _scored(client, names.scored)
@@ -155,6 +163,8 @@ def main(argv: list[str] | None = None) -> dict:
             worker.wait(timeout=30)
         client.delete(*client.keys(f"{names.prefix}:*"))
         client.close()
+        runner.run(publisher.client.aclose())
+        runner.close()
     result = {
         "bench": "reward",
         "scored_per_s": round(scored_per_s),

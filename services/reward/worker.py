@@ -12,13 +12,9 @@ group; a dead worker's pending entries are taken over after ``reward.reclaim_idl
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import socket
 import time
-
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from hapo.config import HapoConfig
 from hapo.runtime.lifecycle import serve_http, setup_logging, stop_event_on_signals
@@ -34,16 +30,13 @@ from hapo.transport.streams import (
     StreamNames,
     connect,
     ensure_group,
+    run_until_stopped,
     trim_acknowledged,
 )
 from services.reward.app import RewardMetrics, WorkerState, create_app
 
 # How often the input stream is trimmed below what every group has acknowledged.
 _TRIM_INTERVAL_S = 10.0
-# Pause before retrying when Redis is unreachable.
-_RETRY_S = 1.0
-
-logger = logging.getLogger("hapo.reward")
 
 
 def reward_function(config: HapoConfig) -> RewardFunction:
@@ -74,38 +67,37 @@ class RewardWorker:
             consumer_name or f"reward-{socket.gethostname()}-{os.getpid()}",
             batch_size=config.reward.batch_size,
             reclaim_idle_ms=int(config.reward.reclaim_idle_s * 1000),
+            dead_stream=self.names.dead,
         )
         self.tokenizer = load_tokenizer(config)
         load_score_fn(config.reward.scorer)  # fail at start-up, not with every score
         self.sandbox = ScoringSandbox(reward_function(config), config.reward.timeout_s)
         self.metrics = RewardMetrics()
         self.state = WorkerState(client=self.client, metrics=self.metrics)
+        self._next_trim = 0.0
 
     async def run(self, stop: asyncio.Event) -> None:
         """Score batches until ``stop`` is set; the batch in hand is finished first."""
         await self.consumer.start()
         await ensure_group(self.client, self.names.scored, TRAINER_GROUP)
         self.sandbox.start()
-        next_trim = time.monotonic() + _TRIM_INTERVAL_S
+        self._next_trim = time.monotonic() + _TRIM_INTERVAL_S
         try:
-            while not stop.is_set():
-                self.state.scorer_alive = self.sandbox.alive
-                try:
-                    entries = await self.consumer.read()
-                    if entries:
-                        await self.process(entries)
-                    if time.monotonic() >= next_trim:
-                        await trim_acknowledged(self.client, self.names.trajectories)
-                        next_trim = time.monotonic() + _TRIM_INTERVAL_S
-                except (RedisConnectionError, RedisTimeoutError) as exc:
-                    # Nothing was acknowledged: the batch stays pending and is read again.
-                    logger.warning("Redis unavailable (%s); retrying in %.0f s", exc, _RETRY_S)
-                    self.consumer.recover()
-                    await asyncio.sleep(_RETRY_S)
+            await run_until_stopped(stop, self.consumer, self._turn)
         finally:
             self.sandbox.close()
             self.state.scorer_alive = False
             await self.client.aclose()
+
+    async def _turn(self) -> None:
+        """One pass of the loop: score a batch, and trim the input stream now and then."""
+        self.state.scorer_alive = self.sandbox.alive
+        entries = await self.consumer.read()
+        if entries:
+            await self.process(entries)
+        if time.monotonic() >= self._next_trim:
+            await trim_acknowledged(self.client, self.names.trajectories)
+            self._next_trim = time.monotonic() + _TRIM_INTERVAL_S
 
     async def process(self, entries: list[Entry]) -> None:
         """Score ``entries`` and publish the results; acknowledge all of them at once."""
@@ -114,7 +106,7 @@ class RewardWorker:
         rejected: list[tuple[Entry, str]] = []
         for entry in entries:
             try:
-                trajectories.append(Trajectory.decode(entry.fields))
+                trajectories.append(Trajectory.from_bytes(entry.payload))
             except MalformedMessage as exc:
                 rejected.append((entry, str(exc)))
         texts = self.tokenizer.decode_batch(
@@ -131,13 +123,11 @@ class RewardWorker:
             ScoredTrajectory.from_trajectory(trajectory, score.reward, score.reason)
             for trajectory, score in zip(trajectories, scores, strict=True)
         ]
-        pipe = self.client.pipeline(transaction=True)
-        for message in scored:
-            pipe.xadd(self.names.scored, message.encode())
-        for entry, reason in rejected:
-            self.consumer.dead_letter(pipe, self.names.dead, entry, reason)
-        self.consumer.ack(pipe, entries)
-        await pipe.execute()
+        await self.consumer.commit(
+            outputs=[(self.names.scored, message.to_bytes()) for message in scored],
+            acks=entries,
+            dead=rejected,
+        )
         self._record(scored, len(rejected), time.perf_counter() - started)
 
     def _record(self, scored: list[ScoredTrajectory], rejected: int, seconds: float) -> None:

@@ -21,8 +21,6 @@ import time
 import uuid
 
 import torch
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from vllm import SamplingParams
 from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -38,12 +36,11 @@ from hapo.transport.streams import (
     StreamNames,
     connect,
     ensure_group,
+    run_until_stopped,
 )
 from services.rollout.app import RolloutMetrics, RolloutState, create_app
 
 logger = logging.getLogger("hapo.rollout")
-
-_RETRY_S = 1.0
 
 
 def sampling_params(group: PromptGroup, sample_idx: int, *, seeds_allowed: bool) -> SamplingParams:
@@ -89,6 +86,7 @@ class RolloutService:
             consumer_name or f"rollout-{socket.gethostname()}-{os.getpid()}",
             batch_size=self.max_in_flight,
             reclaim_idle_ms=int(config.rollout.reclaim_idle_s * 1000),
+            dead_stream=self.names.dead,
         )
         self.state = RolloutState(
             engine=engine, client=self.client, metrics=RolloutMetrics(),
@@ -105,13 +103,7 @@ class RolloutService:
         await self.consumer.start()
         await ensure_group(self.client, self.names.trajectories, REWARD_GROUP)
         try:
-            while not stop.is_set():
-                try:
-                    await self._fill(stop)
-                except (RedisConnectionError, RedisTimeoutError) as exc:
-                    logger.warning("Redis unavailable (%s); retrying in %.0f s", exc, _RETRY_S)
-                    self.consumer.recover()
-                    await asyncio.sleep(_RETRY_S)
+            await run_until_stopped(stop, self.consumer, lambda: self._fill(stop))
         finally:
             for task in self._groups:
                 task.cancel()
@@ -133,7 +125,7 @@ class RolloutService:
             if entry.id in self._generating:
                 continue
             try:
-                group = PromptGroup.decode(entry.fields)
+                group = PromptGroup.from_bytes(entry.payload)
                 params = [
                     sampling_params(group, i, seeds_allowed=self.seeds_allowed)
                     for i in range(group.n)
@@ -146,11 +138,7 @@ class RolloutService:
             self._generating.add(entry.id)
             task.add_done_callback(lambda done, entry_id=entry.id: self._group_done(done, entry_id))
         if rejected:
-            pipe = self.client.pipeline(transaction=True)
-            for entry, reason in rejected:
-                self.consumer.dead_letter(pipe, self.names.dead, entry, reason)
-            self.consumer.ack(pipe, [entry for entry, _ in rejected])
-            await pipe.execute()
+            await self.consumer.commit(dead=rejected)
             self.state.metrics.dead_lettered.inc(len(rejected))
         self.state.metrics.groups_in_flight.set(len(self._groups))
         await self._report_lag()
@@ -170,11 +158,8 @@ class RolloutService:
         samples = await asyncio.gather(
             *(self._sample(group, i, sample_params) for i, sample_params in enumerate(params))
         )
-        pipe = self.client.pipeline(transaction=True)
-        for trajectory in samples:
-            pipe.xadd(self.names.trajectories, trajectory.encode())
-        self.consumer.ack(pipe, [entry])
-        await pipe.execute()
+        outputs = [(self.names.trajectories, trajectory.to_bytes()) for trajectory in samples]
+        await self.consumer.commit(outputs=outputs, acks=[entry])
         tokens = sum(len(trajectory.response_ids) for trajectory in samples)
         self.state.metrics.generated_tokens.inc(tokens)
         self.state.metrics.tokens_per_second.set(tokens / max(time.monotonic() - started, 1e-9))

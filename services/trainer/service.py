@@ -57,6 +57,7 @@ from hapo.transport.streams import (
     Entry,
     StreamConsumer,
     StreamNames,
+    StreamPublisher,
     connect,
     ensure_group,
 )
@@ -100,6 +101,7 @@ class TrainerService:
         self.consumer = StreamConsumer(
             self.client, self.names.scored, TRAINER_GROUP, f"trainer-{self.run_id}"
         )
+        self.publisher = StreamPublisher(self.client)
         self.step = self.policy_version = 0
         self.last: dict[str, Any] = {}
         """The last step's JSONL record."""
@@ -143,11 +145,13 @@ class TrainerService:
         wanted = (step + 1 + self.config.trainer.max_staleness) * per_step
         if self.groups_queued >= wanted:
             return
-        pipe = self.client.pipeline()  # MULTI: the groups and their count, or nothing
+        groups = []
         while self.groups_queued < wanted:
-            pipe.xadd(self.names.prompts, self._prompt_group().encode())
-        pipe.set(resume.issued_key(self.names.prefix, self.run_id), self.groups_queued)
-        await pipe.execute()
+            groups.append((self.names.prompts, self._prompt_group().to_bytes()))
+        issued = {resume.issued_key(self.names.prefix, self.run_id): self.groups_queued}
+        await self.publisher.publish(
+            groups, values=issued
+        )  # the groups and their count, or nothing
 
     async def _fast_forward(self) -> None:
         """Skip the problems of the groups this run already issued (per Redis or the
@@ -183,7 +187,7 @@ class TrainerService:
             strangers = []
             for entry in await self.consumer.read():
                 try:
-                    fate = self.groups.add(entry, ScoredTrajectory.decode(entry.fields))
+                    fate = self.groups.add(entry, ScoredTrajectory.from_bytes(entry.payload))
                 except MalformedMessage as exc:
                     logger.warning("dropping a malformed scored entry: %s", exc)
                     fate = "malformed"
@@ -191,10 +195,7 @@ class TrainerService:
                     self.unacked[entry.id] = entry
                 elif fate != "held":
                     strangers.append(entry)
-            if strangers:
-                pipe = self.client.pipeline()
-                self.consumer.ack(pipe, strangers)
-                await pipe.execute()
+            await self.consumer.commit(acks=strangers)
         samples, entries, group_ids = [], [], self.groups.complete()[:wanted]
         for group_id in group_ids:
             group_samples, group_entries = self.groups.pop(group_id)
@@ -302,7 +303,5 @@ class TrainerService:
             extra=progress.to_json(), tokenizer=self.tokenizer,
         )  # fmt: skip
         self.checkpointed_step = self.step
-        pipe = self.client.pipeline()
-        self.consumer.ack(pipe, list(self.unacked.values()))
-        await pipe.execute()
+        await self.consumer.commit(acks=list(self.unacked.values()))
         self.unacked = {}

@@ -33,6 +33,7 @@ import redis
 import redis.asyncio as aioredis
 
 from hapo.config import HapoConfig
+from hapo.transport.base import DATA_FIELD
 from hapo.transport.messages import PromptGroup
 from hapo.transport.streams import StreamConsumer, StreamNames, connect
 from services.trainer.checkpoint import latest_checkpoint
@@ -227,7 +228,10 @@ def test_services_sigkilled_mid_run_restart_and_train_each_group_once(
     # Each group was issued once, though the trainer that issued some of them died.
     client = redis.Redis.from_url(stack.redis.url)
     issued = int(client.get(issued_key(PREFIX, "kills")))
-    prompts = [PromptGroup.decode(fields) for _, fields in client.xrange(f"{PREFIX}:prompts")]
+    prompts = [
+        PromptGroup.from_bytes(fields[DATA_FIELD])
+        for _, fields in client.xrange(f"{PREFIX}:prompts")
+    ]
     client.close()
     assert issued == STEPS * BATCH
     assert [p.group_id for p in prompts if p.run_id == "kills"] == [

@@ -11,7 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hapo.transport.messages import (
-    DATA_FIELD,
     MalformedMessage,
     PromptGroup,
     ScoredTrajectory,
@@ -30,15 +29,15 @@ def make_trajectory(**overrides) -> Trajectory:
 
 def test_round_trip_keeps_arrays_binary() -> None:
     trajectory = make_trajectory()
-    fields = trajectory.encode()
-    raw = msgpack.unpackb(fields[DATA_FIELD])
+    data = trajectory.to_bytes()
+    raw = msgpack.unpackb(data)
     assert raw["response_ids"] == np.array([7, 8, 9], dtype="<i4").tobytes()
-    decoded = Trajectory.decode(fields)
+    decoded = Trajectory.from_bytes(data)
     assert decoded.response_ids.dtype == np.dtype("<i4")
     np.testing.assert_array_equal(decoded.logprobs, np.array([-0.1, -0.2, -0.3], dtype=np.float32))
     assert decoded.key == trajectory.key
     scored = ScoredTrajectory.from_trajectory(decoded, 1.0, "correct")
-    again = ScoredTrajectory.decode(scored.encode())
+    again = ScoredTrajectory.from_bytes(scored.to_bytes())
     assert (again.reward, again.reward_reason, again.key) == (1.0, "correct", trajectory.key)
 
 
@@ -58,21 +57,20 @@ def test_invalid_trajectories_name_the_problem(overrides: dict, message: str) ->
 
 
 @pytest.mark.parametrize(
-    ("fields", "message"),
+    ("data", "message"),
     [
-        ({b"other": b"x"}, "no 'data' field"),
-        ({DATA_FIELD: b"\xc1"}, "undecodable msgpack"),
-        ({DATA_FIELD: msgpack.packb([1, 2])}, "payload is a list, not a map"),
-        ({DATA_FIELD: msgpack.packb({"run_id": "r"})}, "group_id: Field required"),
-        ({DATA_FIELD: msgpack.packb({**msgpack.unpackb(make_trajectory().encode()[DATA_FIELD]), "response_ids": b"\x00" * 5})},
+        (b"\xc1", "undecodable msgpack"),
+        (msgpack.packb([1, 2]), "payload is a list, not a map"),
+        (msgpack.packb({"run_id": "r"}), "group_id: Field required"),
+        (msgpack.packb({**msgpack.unpackb(make_trajectory().to_bytes()), "response_ids": b"\x00" * 5}),
          "not a whole number of <i4 items"),
-        ({DATA_FIELD: msgpack.packb({**msgpack.unpackb(make_trajectory().encode()[DATA_FIELD]), "answer": b"\xff\xfe"})},
+        (msgpack.packb({**msgpack.unpackb(make_trajectory().to_bytes()), "answer": b"\xff\xfe"}),
          "answer"),
     ],
 )  # fmt: skip
-def test_malformed_entries(fields: dict, message: str) -> None:
+def test_malformed_messages(data: bytes, message: str) -> None:
     with pytest.raises(MalformedMessage, match=message):
-        Trajectory.decode(fields)
+        Trajectory.from_bytes(data)
 
 
 msgpack_values = st.recursive(
@@ -94,7 +92,7 @@ msgpack_values = st.recursive(
 def test_decoding_hostile_bytes_raises_only_malformed(payload: bytes) -> None:
     for schema in (Trajectory, ScoredTrajectory, PromptGroup):
         with contextlib.suppress(MalformedMessage):
-            schema.decode({DATA_FIELD: payload})
+            schema.from_bytes(payload)
 
 
 @settings(max_examples=100, deadline=None)
@@ -103,6 +101,6 @@ def test_arbitrary_tokens_and_answers_round_trip(tokens: list[int], answer: str)
     trajectory = make_trajectory(
         response_ids=np.array(tokens, dtype=np.int64), logprobs=np.zeros(len(tokens)), answer=answer
     )
-    decoded = Trajectory.decode(trajectory.encode())
+    decoded = Trajectory.from_bytes(trajectory.to_bytes())
     assert decoded.response_ids.tolist() == tokens
     assert decoded.answer == answer

@@ -1,17 +1,52 @@
-"""Stream helpers against a real Redis: groups, reading, reclaiming, dead letters, trimming."""
+"""The Redis transport against a real Redis: groups, reading, reclaiming, the commit
+transaction, dead letters, trimming, and the loop that rides out an outage."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Iterator
+from pathlib import Path
 
+import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ResponseError
 
-from hapo.transport.messages import DeadLetter
-from hapo.transport.streams import StreamConsumer, StreamNames, ensure_group, trim_acknowledged
+from hapo.transport.base import DATA_FIELD, Entry
+from hapo.transport.messages import DeadLetter, MalformedMessage
+from hapo.transport.streams import (
+    StreamConsumer,
+    StreamNames,
+    StreamPublisher,
+    ensure_group,
+    run_until_stopped,
+    trim_acknowledged,
+)
+from tests.helpers import RedisServer
 
 
 async def _fill(client: aioredis.Redis, stream: str, count: int) -> list[bytes]:
-    return [await client.xadd(stream, {b"data": b"%d" % i}) for i in range(count)]
+    return [await client.xadd(stream, {DATA_FIELD: b"%d" % i}) for i in range(count)]
+
+
+async def _payloads(client: aioredis.Redis, stream: str) -> list[bytes]:
+    return [fields[DATA_FIELD] for _, fields in await client.xrange(stream)]
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own (AOF, fsync on every write): killed, ACLs changed."""
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.kill()
+
+
+def test_entry_payload_is_its_data_field() -> None:
+    assert Entry(b"1-0", {DATA_FIELD: b"x", b"other": b"y"}).payload == b"x"
+    with pytest.raises(MalformedMessage, match=r"no 'data' field \(fields: \[b'wrong'\]\)"):
+        Entry(b"1-0", {b"wrong": b"field"}).payload  # noqa: B018
 
 
 async def test_ensure_group_is_idempotent(
@@ -23,32 +58,137 @@ async def test_ensure_group_is_idempotent(
     assert [g["name"] for g in groups] == [b"reward"]
 
 
-async def test_read_ack_and_dead_letter(
+async def test_commit_publishes_acknowledges_and_dead_letters(
     redis_client: aioredis.Redis, stream_names: StreamNames
 ) -> None:
     consumer = StreamConsumer(
-        redis_client, stream_names.trajectories, "reward", "c1", batch_size=3, block_ms=100
-    )
+        redis_client, stream_names.trajectories, "reward", "c1", batch_size=3, block_ms=100,
+        dead_stream=stream_names.dead,
+    )  # fmt: skip
     await consumer.start()
     ids = await _fill(redis_client, stream_names.trajectories, 5)
     first = await consumer.read()
     assert [e.id for e in first] == ids[:3]
-    pipe = redis_client.pipeline(transaction=True)
-    consumer.dead_letter(pipe, stream_names.dead, first[0], "bad payload")
-    consumer.ack(pipe, first)
-    await pipe.execute()
+    outputs = [(stream_names.scored, b"out-1"), (stream_names.scored, b"out-2")]
+    await consumer.commit(outputs=outputs, acks=first[1:], dead=[(first[0], "bad payload")])
+    assert await _payloads(redis_client, stream_names.scored) == [b"out-1", b"out-2"]
     second = await consumer.read()
     assert [e.id for e in second] == ids[3:]
     assert await consumer.read() == []  # blocks 100 ms, nothing new
-    pending = await redis_client.xpending(stream_names.trajectories, "reward")
-    assert pending["pending"] == 2
+    pending = await redis_client.xpending_range(stream_names.trajectories, "reward", "-", "+", 10)
+    assert [entry["message_id"] for entry in pending] == ids[3:]  # the dead one is acknowledged
     ((_, fields),) = await redis_client.xrange(stream_names.dead)
-    letter = DeadLetter.decode(fields)
-    assert (letter.reason, letter.source_id, letter.fields) == (
+    letter = DeadLetter.from_bytes(fields[DATA_FIELD])
+    assert (letter.reason, letter.source_id, letter.consumer, letter.fields) == (
         "bad payload",
         ids[0].decode(),
-        {b"data": b"0"},
+        "c1",
+        {DATA_FIELD: b"0"},
     )
+    with pytest.raises(ValueError, match="no dead-letter stream"):
+        await StreamConsumer(redis_client, stream_names.prompts, "g", "c").commit(
+            dead=[(second[0], "bad")]
+        )
+
+
+async def test_a_failed_commit_publishes_and_acknowledges_nothing(
+    private_redis: RedisServer, stream_names: StreamNames
+) -> None:
+    """The outputs, dead letters and acknowledgements are one transaction: a user that may
+    not ``XACK`` gets the whole ``EXEC`` refused, its ``XADD`` s included."""
+    admin = aioredis.from_url(private_redis.url)
+    await admin.acl_setuser(
+        "no-ack", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"],
+        commands=["+@all", "-xack"],
+    )  # fmt: skip
+    port = private_redis.port
+    limited = aioredis.from_url(f"redis://no-ack:pw@127.0.0.1:{port}/0")
+    stream, names = stream_names.trajectories, stream_names
+    try:
+        ids = await _fill(admin, stream, 2)
+        consumer = StreamConsumer(limited, stream, "reward", "c", dead_stream=names.dead)
+        await consumer.start()
+        entries = await consumer.read()
+        assert [e.id for e in entries] == ids
+        commit = dict(
+            outputs=[(names.scored, b"out")], acks=entries[1:], dead=[(entries[0], "bad")]
+        )
+        with pytest.raises(ResponseError):
+            await consumer.commit(**commit)
+        assert await admin.exists(names.scored, names.dead) == 0
+        assert (await admin.xpending(stream, "reward"))["pending"] == 2
+
+        # The same commit by a user that may acknowledge goes through, all of it.
+        await StreamConsumer(admin, stream, "reward", "c", dead_stream=names.dead).commit(**commit)
+        assert await _payloads(admin, names.scored) == [b"out"]
+        assert await admin.xlen(names.dead) == 1
+        assert (await admin.xpending(stream, "reward"))["pending"] == 0
+    finally:
+        await limited.aclose()
+        await admin.aclose()
+
+
+async def test_publish_appends_outputs_and_sets_values(
+    redis_client: aioredis.Redis, stream_names: StreamNames
+) -> None:
+    publisher = StreamPublisher(redis_client)
+    counter = f"{stream_names.prefix}:issued"
+    outputs = [(stream_names.prompts, b"p1"), (stream_names.prompts, b"p2")]
+    await publisher.publish(outputs, values={counter: 2})
+    assert await _payloads(redis_client, stream_names.prompts) == [b"p1", b"p2"]
+    assert await redis_client.get(counter) == b"2"
+    await publisher.publish([])  # nothing to do
+    assert await redis_client.xlen(stream_names.prompts) == 2
+
+
+async def test_run_until_stopped_rides_out_a_redis_restart(
+    private_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis dies between reading a batch and committing it; the loop logs the failed
+    turns, and once Redis is back the consumer replays the batch it still holds pending
+    (without ``recover`` it would wait an hour for ``XAUTOCLAIM``)."""
+    # No retries in the client: the failure reaches the loop at once.
+    client = aioredis.from_url(private_redis.url, retry=Retry(NoBackoff(), 0))
+    consumer = StreamConsumer(client, "in", "g", "c", block_ms=50, reclaim_idle_ms=3_600_000)
+    await consumer.start()
+    ids = await _fill(client, "in", 3)
+    stop = asyncio.Event()
+    batches: list[list[bytes]] = []
+    restarts: list[asyncio.Task] = []
+
+    async def turn() -> None:
+        entries = await consumer.read()
+        if not entries:
+            return
+        batches.append([entry.id for entry in entries])
+        if len(batches) == 1:  # read, not committed: Redis goes away now
+            private_redis.kill()
+            restarts.append(asyncio.create_task(asyncio.to_thread(private_redis.start)))
+        else:
+            await consumer.commit(acks=entries)
+            stop.set()
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="hapo.transport.streams"):
+            await asyncio.wait_for(run_until_stopped(stop, consumer, turn, pause_s=0.1), 30)
+        await asyncio.gather(*restarts)
+        assert batches == [ids, ids]
+        assert any("Redis unavailable" in record.message for record in caplog.records)
+        assert (await client.xpending("in", "g"))["pending"] == 0
+    finally:
+        await client.aclose()
+
+
+async def test_run_until_stopped_lets_other_errors_through(
+    redis_client: aioredis.Redis, stream_names: StreamNames
+) -> None:
+    consumer = StreamConsumer(redis_client, stream_names.prompts, "g", "c")
+
+    async def turn() -> None:
+        raise KeyError("not a Redis outage")
+
+    with pytest.raises(KeyError):
+        await run_until_stopped(asyncio.Event(), consumer, turn)
 
 
 async def test_restarted_consumer_replays_its_own_pending(
@@ -102,14 +242,10 @@ async def test_trim_keeps_what_any_group_still_needs(
     await fast.start()
     await slow.start()
     ids = await _fill(redis_client, stream, 10)
-    pipe = redis_client.pipeline()
-    fast.ack(pipe, await fast.read())
-    await pipe.execute()
+    await fast.commit(acks=await fast.read())
     assert await trim_acknowledged(redis_client, stream) == 0  # "slow" has read nothing
     slow_batch = await slow.read()
-    pipe = redis_client.pipeline()
-    slow.ack(pipe, slow_batch[:2])  # the third stays pending
-    await pipe.execute()
+    await slow.commit(acks=slow_batch[:2])  # the third stays pending
     assert await trim_acknowledged(redis_client, stream) == 2
     assert [entry_id for entry_id, _ in await redis_client.xrange(stream)] == ids[2:]
 

@@ -19,6 +19,7 @@ from tokenizers import Tokenizer
 
 from hapo.config import HapoConfig
 from hapo.scoring.rewards import math_reward
+from hapo.transport.base import DATA_FIELD
 from hapo.transport.messages import DeadLetter, ScoredTrajectory, Trajectory
 from hapo.transport.streams import StreamNames
 from tests.helpers import free_port, wait_for
@@ -84,7 +85,9 @@ def trajectory(tokenizer: Tokenizer, group: int, sample: int, text: str, answer:
 
 
 def scored(client: redis.Redis, names: StreamNames) -> list[ScoredTrajectory]:
-    return [ScoredTrajectory.decode(fields) for _, fields in client.xrange(names.scored)]
+    return [
+        ScoredTrajectory.from_bytes(fields[DATA_FIELD]) for _, fields in client.xrange(names.scored)
+    ]
 
 
 def test_scores_dead_letters_and_reports(client, tokenizer, start_worker, stream_names) -> None:
@@ -95,11 +98,11 @@ def test_scores_dead_letters_and_reports(client, tokenizer, start_worker, stream
         trajectory(tokenizer, i // 8, i % 8, text, answer) for i, (text, answer) in enumerate(cases)
     ]
     for message in sent:
-        client.xadd(stream_names.trajectories, message.encode())
+        client.xadd(stream_names.trajectories, {DATA_FIELD: message.to_bytes()})
     long_text = "Let me think. " * 70_000 + "The answer is 5."  # ~1 MB of text
     long_one = trajectory(tokenizer, 9, 0, long_text, "5")
-    client.xadd(stream_names.trajectories, long_one.encode())
-    client.xadd(stream_names.trajectories, {b"data": b"\xc1 not msgpack"})
+    client.xadd(stream_names.trajectories, {DATA_FIELD: long_one.to_bytes()})
+    client.xadd(stream_names.trajectories, {DATA_FIELD: b"\xc1 not msgpack"})
     client.xadd(stream_names.trajectories, {b"wrong": b"field"})
 
     wait_for(
@@ -115,7 +118,8 @@ def test_scores_dead_letters_and_reports(client, tokenizer, start_worker, stream
         assert (results[message.key].reward, results[message.key].reward_reason) == expected
         np.testing.assert_array_equal(results[message.key].logprobs, message.logprobs)
     reasons = sorted(
-        DeadLetter.decode(fields).reason for _, fields in client.xrange(stream_names.dead)
+        DeadLetter.from_bytes(fields[DATA_FIELD]).reason
+        for _, fields in client.xrange(stream_names.dead)
     )
     assert reasons[0].startswith("no 'data' field") and reasons[1].startswith("undecodable msgpack")
     assert client.xpending(stream_names.trajectories, "reward")["pending"] == 0
@@ -153,7 +157,7 @@ def test_sigkill_mid_batch_loses_nothing(client, tokenizer, start_worker, stream
     sent = [trajectory(tokenizer, i // 8, i % 8, f"so {i}", str(i)) for i in range(320)]
     pipe = client.pipeline()
     for message in sent:
-        pipe.xadd(stream_names.trajectories, message.encode())
+        pipe.xadd(stream_names.trajectories, {DATA_FIELD: message.to_bytes()})
     pipe.execute()
 
     def victim_mid_batch() -> bool:

@@ -18,6 +18,7 @@ import pytest
 import redis
 
 from hapo.config import load_config
+from hapo.transport.base import DATA_FIELD
 from hapo.transport.messages import DeadLetter, PromptGroup, SamplingSettings, Trajectory
 from hapo.transport.streams import StreamNames
 from tests.helpers import free_port, wait_for
@@ -93,7 +94,9 @@ def prompt_group(group_id: str, n: int, max_tokens: int) -> PromptGroup:
 
 
 def trajectories(client: redis.Redis, names: StreamNames) -> list[Trajectory]:
-    return [Trajectory.decode(fields) for _, fields in client.xrange(names.trajectories)]
+    return [
+        Trajectory.from_bytes(fields[DATA_FIELD]) for _, fields in client.xrange(names.trajectories)
+    ]
 
 
 def by_group(client: redis.Redis, names: StreamNames) -> dict[str, list[Trajectory]]:
@@ -105,8 +108,8 @@ def by_group(client: redis.Redis, names: StreamNames) -> dict[str, list[Trajecto
 
 def test_group_comes_back_as_n_trajectories(replicas: Replicas, client: redis.Redis) -> None:
     names = replicas.names
-    client.xadd(names.prompts, prompt_group("single", n=4, max_tokens=12).encode())
-    client.xadd(names.prompts, {b"data": b"\x92\x01\x02"})  # msgpack of a list: not a group
+    client.xadd(names.prompts, {DATA_FIELD: prompt_group("single", n=4, max_tokens=12).to_bytes()})
+    client.xadd(names.prompts, {DATA_FIELD: b"\x92\x01\x02"})  # msgpack of a list: not a group
     wait_for(
         lambda: len(by_group(client, names)["single"]) == 4 and client.xlen(names.dead) == 1,
         120,
@@ -123,7 +126,7 @@ def test_group_comes_back_as_n_trajectories(replicas: Replicas, client: redis.Re
         assert trajectory.generation_s > 0
         np.testing.assert_array_equal(trajectory.prompt_ids, [1, 100, 200, 300])
     ((_, fields),) = client.xrange(names.dead)
-    assert "payload is a list, not a map" in DeadLetter.decode(fields).reason
+    assert "payload is a list, not a map" in DeadLetter.from_bytes(fields[DATA_FIELD]).reason
     port = replicas.ports["survivor"]
     assert (
         json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz").read())["ready"]
@@ -137,7 +140,9 @@ def test_sigkill_mid_group_loses_nothing(replicas: Replicas, client: redis.Redis
     names = replicas.names
     groups = [f"kill-{i}" for i in range(6)]
     for group_id in groups:
-        client.xadd(names.prompts, prompt_group(group_id, n=3, max_tokens=64).encode())
+        client.xadd(
+            names.prompts, {DATA_FIELD: prompt_group(group_id, n=3, max_tokens=64).to_bytes()}
+        )
 
     def victim_holds_groups() -> bool:
         pending = {

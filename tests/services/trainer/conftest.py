@@ -18,6 +18,7 @@ import pytest
 import redis
 
 from hapo.config import HapoConfig, load_config
+from hapo.transport.base import DATA_FIELD
 from hapo.transport.messages import PromptGroup, ScoredTrajectory
 from hapo.transport.streams import StreamNames
 from services.trainer.api import serve
@@ -125,7 +126,7 @@ class ScoredFeeder:
             for _, entries in self.client.xread({self.names.prompts: last}, block=100) or []:
                 for entry_id, fields in entries:
                     last = entry_id
-                    self._held.append(PromptGroup.decode(fields))
+                    self._held.append(PromptGroup.from_bytes(fields[DATA_FIELD]))
             limit, held, self._held = self.limit, self._held, []
             for group in held:
                 if limit is not None and int(group.group_id) > limit:
@@ -145,7 +146,7 @@ class ScoredFeeder:
                 logprobs=np.full(length, -2.0), finish_reason="length", answer=group.answer,
                 reward=float(index % 2), reward_reason="correct" if index % 2 else "wrong",
             )  # fmt: skip
-            pipe.xadd(self.names.scored, sample.encode())
+            pipe.xadd(self.names.scored, {DATA_FIELD: sample.to_bytes()})
         pipe.execute()
 
     def close(self) -> None:

@@ -14,6 +14,7 @@ import pytest
 import redis
 
 from hapo.config import HapoConfig
+from hapo.transport.base import DATA_FIELD
 from hapo.transport.messages import PromptGroup, ScoredTrajectory
 from hapo.transport.streams import TRAINER_GROUP, StreamNames
 from services.trainer.checkpoint import latest_checkpoint
@@ -92,11 +93,14 @@ def test_sigkill_between_checkpoints_then_restart_trains_each_group_once(
 
     # Every group was issued once, ids 1..N; those not trained still wait in the pipeline.
     issued = int(client.get(issued_key(names.prefix, RUN_ID)))
-    prompts = [PromptGroup.decode(fields).group_id for _, fields in client.xrange(names.prompts)]
+    prompts = [
+        PromptGroup.from_bytes(fields[DATA_FIELD]).group_id
+        for _, fields in client.xrange(names.prompts)
+    ]
     assert prompts == [f"{n:08d}" for n in range(1, issued + 1)] and issued == 12
     assert set(trained) == {f"{n:08d}" for n in range(1, 11)}
     group_of = {
-        entry_id: ScoredTrajectory.decode(fields).group_id
+        entry_id: ScoredTrajectory.from_bytes(fields[DATA_FIELD]).group_id
         for entry_id, fields in client.xrange(names.scored)
     }
     waiting = {entry["message_id"] for entry in pending()}
