@@ -31,9 +31,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from hapo.training.metric_means import MetricMeans
+
 if TYPE_CHECKING:
     from hapo.config import HapoConfig
-    from hapo.training.learner import MetricMeans
 
 
 class Collectives:

@@ -25,12 +25,14 @@ from hapo.algorithm import (
     compute_grpo_outcome_advantage,
     compute_hapo_outcome_advantage,
     compute_norm_entropys,
+    compute_rollout_correction,
     entropy_h_hat,
     hapo_policy_loss,
     log_entropy,
 )
 from hapo.config import AlgorithmConfig, HapoConfig, OptimConfig
 from hapo.training.collectives import LOCAL, Collectives, check_shardable
+from hapo.training.metric_means import MetricMeans
 from hapo.training.policy import (
     TrainingBatch,
     compute_dtype,
@@ -69,12 +71,21 @@ class StepTargets:
         norm_entropys: the step's entropy statistics (normalise ``h_hat`` with them).
         old_h_hat: ``[B, R]`` ``h_hat`` of the start-of-step entropies, used where the
             loss needs no current entropy (adaptive parts off) for the split metrics.
+        rollout_is_weights: ``[B, R]`` behaviour correction ``pi_prox / mu`` of each token,
+            truncated by ``algorithm.rollout_correction`` (1 with ``mode=off``).
+        loss_mask: ``[B, R]`` float32, the response tokens the loss averages over: the
+            valid ones, less sequences the correction drops and samples staler than
+            ``trainer.max_staleness``.
+        metrics: ``rollout_corr/`` and ``staleness/`` scalars of the whole batch.
     """
 
     old_log_prob: torch.Tensor
     advantages: torch.Tensor
     norm_entropys: NormEntropys
     old_h_hat: torch.Tensor
+    rollout_is_weights: torch.Tensor
+    loss_mask: torch.Tensor
+    metrics: dict[str, float]
 
     def select(self, rows: slice) -> StepTargets:
         """The targets of the samples ``rows``."""
@@ -83,6 +94,8 @@ class StepTargets:
             old_log_prob=self.old_log_prob[rows],
             advantages=self.advantages[rows],
             old_h_hat=self.old_h_hat[rows],
+            rollout_is_weights=self.rollout_is_weights[rows],
+            loss_mask=self.loss_mask[rows],
         )
 
 
@@ -90,39 +103,55 @@ def step_targets(
     batch: TrainingBatch, old_log_prob: torch.Tensor, entropy: torch.Tensor, config: HapoConfig
 ) -> StepTargets:
     """A step's targets from the whole batch's start-of-step log-probs and entropies
-    ``[B, R]``: ``norm_entropys`` (docs/design.md, decision 1), advantages and ``h_hat``."""
+    ``[B, R]``: ``norm_entropys`` (docs/design.md, decision 1), advantages, ``h_hat``, and
+    the behaviour correction of each token (decision 5).
+
+    Staleness is a bound: a sample started more than ``trainer.max_staleness`` versions
+    before the weights being trained still counts in its group's advantage (its reward is
+    a fair draw of the prompt) but leaves the loss; ``staleness/dropped_samples`` counts it.
+    """
     actor, algorithm = config.actor_rollout_ref.actor, config.algorithm
+    correction = algorithm.rollout_correction
     norm_entropys = compute_norm_entropys(
         entropy,
         batch.response_mask,
         actor.entropy_pivot,
         reference_scale_neg_sign=algorithm.reference_scale_neg_sign,
     )
+    weights, keep, metrics = compute_rollout_correction(
+        old_log_prob,
+        batch.rollout_log_prob,
+        batch.response_mask,
+        mode=correction.mode,
+        rollout_is_threshold=correction.rollout_is_threshold,
+        rollout_rs_threshold=correction.rollout_rs_threshold,
+        rollout_rs_threshold_lower=correction.rollout_rs_threshold_lower,
+    )
+    fresh = batch.staleness <= config.trainer.max_staleness
     return StepTargets(
         old_log_prob=old_log_prob,
         advantages=compute_advantages(batch, algorithm),
         norm_entropys=norm_entropys,
         old_h_hat=entropy_h_hat(log_entropy(entropy), norm_entropys),
+        rollout_is_weights=weights,
+        loss_mask=(keep & fresh[:, None]).float(),
+        metrics={
+            **{name: value.item() for name, value in metrics.items()},
+            **staleness_metrics(batch.staleness, config.trainer.max_staleness),
+        },
     )
 
 
-class MetricMeans:
-    """Weighted means of scalar metric tensors, read out once (one device sync at the end)."""
-
-    def __init__(self) -> None:
-        self._sums: dict[str, torch.Tensor] = {}
-        self._weights: dict[str, torch.Tensor] = {}
-
-    def add(self, name: str, value: torch.Tensor, weight: torch.Tensor) -> None:
-        value, weight = value.detach().double(), weight.detach().double()
-        self._sums[name] = self._sums.get(name, 0.0) + value * weight
-        self._weights[name] = self._weights.get(name, 0.0) + weight
-
-    def means(self) -> dict[str, float]:
-        return {
-            name: (total / self._weights[name].clamp_min(1e-12)).item()
-            for name, total in self._sums.items()
-        }
+def staleness_metrics(staleness: torch.Tensor, max_staleness: int) -> dict[str, float]:
+    """``staleness/`` scalars of a batch's ``[B]`` sample staleness: mean, max, the number of
+    samples at each staleness up to ``max_staleness`` and the number beyond it (dropped)."""
+    counts = torch.bincount(staleness.clamp(0, max_staleness + 1), minlength=max_staleness + 2)
+    return {
+        "staleness/mean": staleness.float().mean().item(),
+        "staleness/max": float(staleness.max()),
+        **{f"staleness/samples_{k}": float(counts[k]) for k in range(max_staleness + 1)},
+        "staleness/dropped_samples": float(counts[max_staleness + 1]),
+    }
 
 
 def _temperature(config: HapoConfig) -> float:
@@ -154,7 +183,7 @@ def accumulate_gradients(
     actor, algorithm = config.actor_rollout_ref.actor, config.algorithm
     current_entropy = actor.adaptive_clip or actor.adaptive_advantage
     if global_num_tokens is None:
-        global_num_tokens = mini_batch.response_mask.sum()
+        global_num_tokens = targets.loss_mask.sum()
     micro = actor.ppo_micro_batch_size_per_gpu
     total_loss = torch.zeros(())
     for start in range(0, mini_batch.size, micro):
@@ -184,7 +213,7 @@ def accumulate_gradients(
             log_prob,
             micro_targets.old_log_prob,
             micro_targets.advantages,
-            batch.response_mask,
+            micro_targets.loss_mask,
             h_hat,
             clip_ratio_low=actor.clip_ratio_low,
             clip_ratio_high=actor.clip_ratio_high,
@@ -194,19 +223,20 @@ def accumulate_gradients(
             adaptive_advantage=actor.adaptive_advantage,
             adv_beta=actor.adv_beta,
             global_num_tokens=global_num_tokens,
+            rollout_is_weights=micro_targets.rollout_is_weights,
         )
         loss.backward()
         total_loss += loss.detach().cpu()
         if means is not None:
-            high = batch.response_mask * (h_hat > 0)
+            high = micro_targets.loss_mask * (h_hat > 0)
             weights = {
                 "loss/clipfrac_high_entropy": high.sum(),
-                "loss/clipfrac_low_entropy": (batch.response_mask - high).sum(),
+                "loss/clipfrac_low_entropy": (micro_targets.loss_mask - high).sum(),
             }
             num_tokens = metrics.pop("loss/num_tokens")
             for name, value in metrics.items():
                 means.add(name, value, weights.get(name, num_tokens))
-            means.add("entropy/h_hat_pos_frac", high.sum() / num_tokens, num_tokens)
+            means.add("entropy/h_hat_pos_frac", high.sum() / num_tokens.clamp_min(1), num_tokens)
     return total_loss
 
 
@@ -314,7 +344,7 @@ def learner_step(
                 targets.select(rows),
                 config,
                 means,
-                global_num_tokens=batch.response_mask[first : first + size].sum(),
+                global_num_tokens=targets.loss_mask[first : first + size].sum(),
             )
             collectives.sum_gradients(model)
             # Recorded on every rank; the weights sum to world_size like the values.
@@ -366,6 +396,7 @@ def step_result(
         "loss/skipped_updates": float(skipped),
         **_batch_metrics(batch, targets.advantages, entropy),
         **{f"entropy/{name}": float(value) for name, value in norm_entropys._asdict().items()},
+        **targets.metrics,
         "perf/step_s": step_s,
         "perf/old_log_prob_s": old_pass_s,
         "perf/tokens_per_s": batch.attention_mask.sum().item() / step_s,

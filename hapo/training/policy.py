@@ -40,6 +40,10 @@ class TrainingBatch:
             valid token, 0 elsewhere.
         group_index: ``[B]`` group label (``group_id``) of each sample.
         prompt_length: ``P``; response token ``t`` is predicted at column ``P - 1 + t``.
+        rollout_log_prob: ``[B, R]`` float32 behaviour log-probs ``log mu`` the rollout
+            sampled each response token with (adaptive temperature applied), 0 at padding.
+        staleness: ``[B]`` int64, policy versions between the weights being trained and
+            those that started each sample (0: on-policy).
     """
 
     input_ids: torch.Tensor
@@ -50,6 +54,8 @@ class TrainingBatch:
     token_level_rewards: torch.Tensor
     group_index: np.ndarray
     prompt_length: int
+    rollout_log_prob: torch.Tensor
+    staleness: torch.Tensor
 
     @property
     def size(self) -> int:
@@ -68,6 +74,8 @@ class TrainingBatch:
             responses=self.responses.to(device),
             response_mask=self.response_mask.to(device),
             token_level_rewards=self.token_level_rewards.to(device),
+            rollout_log_prob=self.rollout_log_prob.to(device),
+            staleness=self.staleness.to(device),
         )
 
     def trimmed(self) -> TrainingBatch:
@@ -87,6 +95,7 @@ class TrainingBatch:
             responses=self.responses[:, :response_width],
             response_mask=self.response_mask[:, :response_width],
             token_level_rewards=self.token_level_rewards[:, :response_width],
+            rollout_log_prob=self.rollout_log_prob[:, :response_width],
             prompt_length=prompt_width,
         )
 
@@ -101,11 +110,18 @@ class TrainingBatch:
             response_mask=self.response_mask[rows],
             token_level_rewards=self.token_level_rewards[rows],
             group_index=self.group_index[rows],
+            rollout_log_prob=self.rollout_log_prob[rows],
+            staleness=self.staleness[rows],
         )
 
 
-def build_batch(trajectories: Sequence[ScoredTrajectory], pad_token_id: int) -> TrainingBatch:
+def build_batch(
+    trajectories: Sequence[ScoredTrajectory], pad_token_id: int, policy_version: int | None = None
+) -> TrainingBatch:
     """Pad scored trajectories into a ``TrainingBatch`` (in the given order).
+
+    ``policy_version`` is that of the weights the batch will train (its samples'
+    staleness is counted from it); ``None``: every sample counts as on-policy.
 
     Raises:
         ValueError: no trajectory, or one with an empty prompt or response (an empty
@@ -138,6 +154,11 @@ def build_batch(trajectories: Sequence[ScoredTrajectory], pad_token_id: int) -> 
         columns < prompt_width + response_lengths[:, None]
     )
     response_mask = np.arange(response_width) < response_lengths[:, None]
+    rollout_log_prob = np.zeros((batch, response_width), dtype=np.float32)
+    for row, trajectory in enumerate(trajectories):
+        rollout_log_prob[row, : len(trajectory.logprobs)] = trajectory.logprobs
+    versions = np.array([t.policy_version for t in trajectories], dtype=np.int64)
+    staleness = np.zeros_like(versions) if policy_version is None else policy_version - versions
     rewards = np.zeros((batch, response_width), dtype=np.float32)
     rewards[np.arange(batch), response_lengths - 1] = [t.reward for t in trajectories]
     attention = torch.from_numpy(attention_mask.astype(np.int64))
@@ -151,6 +172,8 @@ def build_batch(trajectories: Sequence[ScoredTrajectory], pad_token_id: int) -> 
         token_level_rewards=torch.from_numpy(rewards),
         group_index=np.array([t.group_id for t in trajectories]),
         prompt_length=prompt_width,
+        rollout_log_prob=torch.from_numpy(rollout_log_prob),
+        staleness=torch.from_numpy(staleness),
     )
 
 

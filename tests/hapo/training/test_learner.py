@@ -86,6 +86,9 @@ def _targets(model: LlamaForCausalLM, batch: TrainingBatch, config: HapoConfig, 
         advantages=compute_advantages(batch, config.algorithm),
         norm_entropys=norm,
         old_h_hat=entropy_h_hat(log_entropy(entropy), norm),
+        rollout_is_weights=torch.ones_like(old_log_prob),
+        loss_mask=batch.response_mask,
+        metrics={},
     )
 
 
@@ -214,9 +217,15 @@ def _reference_grpo(batch: TrainingBatch) -> torch.Tensor:
 
 
 def _reference_ppo_loss(
-    model: LlamaForCausalLM, batch: TrainingBatch, old_log_prob: torch.Tensor, adv: torch.Tensor
+    model: LlamaForCausalLM,
+    batch: TrainingBatch,
+    old_log_prob: torch.Tensor,
+    adv: torch.Tensor,
+    token_weights: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Dual-clip PPO (0.2/0.2, c=10), token-mean, on full unchunked logits."""
+    """Dual-clip PPO (0.2/0.2, c=10), each token's loss times ``token_weights``, token-mean
+    over ``mask`` (default: the response mask), on full unchunked logits."""
     logits = model(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
@@ -226,7 +235,9 @@ def _reference_ppo_loss(
     ratio = (log_prob - old_log_prob).exp()
     clipped = torch.maximum(-adv * ratio, -adv * ratio.clamp(0.8, 1.2))
     losses = torch.where(adv < 0, torch.minimum(clipped, -adv * 10.0), clipped)
-    mask = batch.response_mask
+    if token_weights is not None:
+        losses = losses * token_weights
+    mask = batch.response_mask if mask is None else mask
     return (losses * mask).sum() / mask.sum()
 
 
@@ -237,6 +248,7 @@ def test_every_switch_off_equals_plain_ppo_grpo(
         "algorithm.adv_estimator=grpo",
         "actor_rollout_ref.actor.adaptive_clip=false",
         "actor_rollout_ref.actor.adaptive_advantage=false",
+        "algorithm.rollout_correction.mode=off",
         "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
         "trainer.logits_chunk_size=7",
     )
@@ -268,6 +280,7 @@ def test_every_switch_off_step_update_equals_plain_ppo_grpo(
         "algorithm.adv_estimator=grpo",
         "actor_rollout_ref.actor.adaptive_clip=false",
         "actor_rollout_ref.actor.adaptive_advantage=false",
+        "algorithm.rollout_correction.mode=off",
         "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4",
         "actor_rollout_ref.actor.grad_clip=1e9",
     )
@@ -347,7 +360,9 @@ def test_steps_lower_the_loss_on_a_fixed_batch(
     assert losses[-1] < losses[0] - 0.05
 
     metrics = result.metrics
-    assert {name.split("/")[0] for name in metrics} == {"loss", "reward", "entropy", "perf"}
+    assert {name.split("/")[0] for name in metrics} == {
+        "loss", "reward", "entropy", "perf", "rollout_corr", "staleness"
+    }  # fmt: skip
     assert all(math.isfinite(value) for value in metrics.values())
     for name in (
         "loss/approx_kl", "loss/clipfrac_high_entropy", "loss/clipfrac_low_entropy",
@@ -423,3 +438,91 @@ def test_auto_precision_is_bf16_where_the_hardware_has_it(tmp_path) -> None:
     expected = torch.bfloat16 if cpu_has_native_bf16() else None
     assert compute_dtype(auto, torch.device("cpu")) == expected
     assert compute_dtype(fp32, torch.device("cuda")) is None
+
+
+def _sgd_update(model: LlamaForCausalLM, batch: TrainingBatch, config: HapoConfig):
+    """``learner_step`` with SGD at lr 1: the update is minus the step's gradient."""
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    result = learner_step(model, optimizer, scheduler, batch, config)
+    moved = {name: p.detach() - before[name] for name, p in model.named_parameters()}
+    return moved, result
+
+
+PLAIN_PPO = (
+    "algorithm.adv_estimator=grpo",
+    "actor_rollout_ref.actor.adaptive_clip=false",
+    "actor_rollout_ref.actor.adaptive_advantage=false",
+    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4",
+    "actor_rollout_ref.actor.grad_clip=1e9",
+)
+
+
+def test_behaviour_correction_weights_each_token_by_truncated_pi_prox_over_mu(
+    model: LlamaForCausalLM, batch: TrainingBatch
+) -> None:
+    """Decoupled PPO (token_tis, cap 2): the step's update is minus the gradient of the PPO
+    loss with each token's loss times ``min(pi_prox / mu, 2)``, written out here."""
+    config = _config(*PLAIN_PPO, "algorithm.rollout_correction.mode=token_tis")
+    with torch.no_grad():
+        pi_prox = policy_log_probs(model, batch)[0]
+    # Behaviour log-probs around pi_prox: every third token 1.5 nats less likely under mu
+    # (w = e^1.5 = 4.5, truncated to 2), every fourth 0.5 more likely (w = e^-0.5 = 0.61).
+    index = torch.arange(pi_prox.numel()).view_as(pi_prox)
+    mu = pi_prox - 1.5 * (index % 3 == 0) + 0.5 * ((index % 4 == 0) & (index % 3 != 0))
+    batch = replace(batch, rollout_log_prob=mu * batch.response_mask)
+    weights = torch.where(index % 3 == 0, 2.0, torch.where(index % 4 == 0, math.exp(-0.5), 1.0))
+    _reference_ppo_loss(model, batch, pi_prox, _reference_grpo(batch), weights).backward()
+    expected = {name: -g for name, g in _gradients(model).items()}
+    model.zero_grad(set_to_none=True)
+
+    moved, result = _sgd_update(model, batch, config)
+    _assert_gradients_close(moved, expected)
+    valid = batch.response_mask.bool()
+    assert result.metrics["rollout_corr/truncated_frac"] == pytest.approx(
+        (index % 3 == 0)[valid].float().mean().item()
+    )
+    assert result.metrics["rollout_corr/weight_max"] == pytest.approx(2.0)
+    assert result.metrics["rollout_corr/kl"] > 0
+
+
+def test_on_policy_samples_get_weight_one(model: LlamaForCausalLM, batch: TrainingBatch) -> None:
+    """With mu == pi_prox (fresh samples, no temperature) the correction changes nothing."""
+    with torch.no_grad():
+        pi_prox = policy_log_probs(model, batch)[0]
+    batch = replace(batch, rollout_log_prob=pi_prox)
+    updates = []
+    for mode in ("off", "token_tis"):
+        moved, result = _sgd_update(
+            tiny_llama(VOCAB, PAD), batch, _config(f"algorithm.rollout_correction.mode={mode}")
+        )
+        updates.append(moved)
+    _assert_gradients_close(*updates, atol=1e-7)
+    assert result.metrics["rollout_corr/weight_mean"] == pytest.approx(1.0, abs=1e-6)
+    assert result.metrics["rollout_corr/kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_samples_staler_than_the_bound_leave_the_loss_but_not_the_advantage(
+    model: LlamaForCausalLM,
+) -> None:
+    """max_staleness 1: a sample 2 versions old is dropped from the loss (the token-mean
+    runs over the others) and counted; its reward still shapes its group's advantage."""
+    trajectories = [t.model_copy(update={"policy_version": 3}) for t in _trajectories()]
+    trajectories[1] = trajectories[1].model_copy(update={"policy_version": 1})
+    batch = build_batch(trajectories, PAD, policy_version=3)
+    assert batch.staleness.tolist() == [0, 2, 0, 0, 0, 0, 0, 0]
+    config = _config(*PLAIN_PPO, "algorithm.rollout_correction.mode=off", "trainer.max_staleness=1")
+    with torch.no_grad():
+        pi_prox = policy_log_probs(model, batch)[0]
+    fresh = batch.response_mask.clone()
+    fresh[1] = 0
+    _reference_ppo_loss(model, batch, pi_prox, _reference_grpo(batch), mask=fresh).backward()
+    expected = {name: -g for name, g in _gradients(model).items()}
+    model.zero_grad(set_to_none=True)
+
+    moved, result = _sgd_update(model, batch, config)
+    _assert_gradients_close(moved, expected)
+    assert result.metrics["staleness/dropped_samples"] == 1.0
+    assert result.metrics["staleness/samples_0"] == 7.0
+    assert result.metrics["staleness/max"] == 2.0
