@@ -54,6 +54,7 @@ class Benchmark(enum.StrEnum):
     advantage = "advantage"
     compare = "compare"
     entropy = "entropy"
+    mismatch = "mismatch"
     reward = "reward"
     rollout = "rollout"
     trainer = "trainer"
@@ -188,6 +189,8 @@ def bench(ctx: typer.Context, name: Benchmark) -> None:
             from benchmarks.compare import main
         case Benchmark.entropy:
             from benchmarks.entropy import main
+        case Benchmark.mismatch:
+            from benchmarks.mismatch import main
         case Benchmark.reward:
             from benchmarks.reward import main
         case Benchmark.rollout:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hapo.algorithm import taken_log_probs_chunked
+from hapo.algorithm import adaptive_temperature_log_probs, taken_log_probs_chunked
 from hapo.config import HapoConfig
 from hapo.transport.messages import ScoredTrajectory
 
@@ -308,6 +308,57 @@ def policy_log_probs(
         return nn.functional.pad(grid, (0, full_width - valid.shape[1]))
 
     return to_grid(log_prob), None if entropy is None else to_grid(entropy)
+
+
+@torch.no_grad()
+def sampling_log_probs(
+    model: nn.Module,
+    batch: TrainingBatch,
+    *,
+    temperature: torch.Tensor,
+    temperature_tau: torch.Tensor,
+    norm_entropys: torch.Tensor,
+    chunk_size: int = 1024,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``[B, R]`` log-probs of the response tokens at the temperature each was sampled at,
+    ``T_dyn = T * (1 + h_hat * tau)``: the rollout's behaviour log-probs ``log mu``, as this
+    model computes them (``hapo.algorithm.adaptive_temperature_log_probs``); 0 at padding.
+
+    With the rollout's weights this measures the sampler end to end (``hapo bench
+    mismatch``); with newer ones, ``pi_prox`` at the sampling temperature.
+
+    Args:
+        temperature: ``[B]`` base temperature ``T`` of each sample (> 0).
+        temperature_tau: ``[B]`` ``tau`` of each sample; 0 where it was sampled at ``T``.
+        norm_entropys: ``[B, 4]`` ``(pivot, std, scale_pos, scale_neg)`` each sample was
+            drawn with (any finite values where ``tau`` is 0).
+    """
+    full_width = batch.responses.shape[1]
+    batch = batch.trimmed()
+    device_type = batch.input_ids.device.type
+    with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        hidden = response_hidden_states(model, batch)
+    valid = batch.response_mask.bool()
+    rows, weight = hidden[valid], model.get_output_embeddings().weight
+    if dtype is not None:
+        rows, weight = rows.to(dtype), weight.to(dtype)
+
+    def per_token(values: torch.Tensor) -> torch.Tensor:
+        """``[B]`` per-sample values -> ``[N]``, one per valid token."""
+        return values.to(rows.device)[:, None].expand(valid.shape)[valid]
+
+    log_prob = adaptive_temperature_log_probs(
+        rows,
+        batch.responses[valid],
+        weight,
+        temperature=per_token(temperature),
+        temperature_tau=per_token(temperature_tau),
+        norm_entropys=[per_token(column) for column in norm_entropys.unbind(-1)],
+        chunk_size=chunk_size,
+    )
+    grid = log_prob.new_zeros(valid.shape).masked_scatter(valid, log_prob)
+    return nn.functional.pad(grid, (0, full_width - valid.shape[1]))
 
 
 @torch.no_grad()
