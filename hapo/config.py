@@ -72,8 +72,10 @@ class ActorConfig(_Section):
     """Dual-clip bound on the loss of negative-advantage tokens."""
     entropy_pivot: float = Field(0.8, ge=0.0, le=1.0)
     """Quantile of the batch's token log-entropies used as the centre of h_hat."""
-    ppo_mini_batch_size: int = Field(8, ge=1)
-    """Prompts per optimizer step (each with ``rollout.n`` samples)."""
+    ppo_mini_batch_size: int = Field(4, ge=1)
+    """Prompts per optimizer step (each with ``rollout.n`` samples). The default takes two
+    optimizer steps per training step (8 prompts), so the PPO ratio leaves 1 on the second
+    and clipping, ``ada_clip`` and ``ada_advantage`` act (docs/design.md, decision 7)."""
     ppo_micro_batch_size_per_gpu: int = Field(8, ge=1)
     """Samples per forward/backward pass (gradient accumulation)."""
     ppo_epochs: int = Field(1, ge=1, le=100)
