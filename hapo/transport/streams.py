@@ -10,7 +10,9 @@ exactly-once training comes from (the whole argument, with the trainer's side, i
 1. Output and acknowledgement in one transaction. ``commit`` appends a batch's outputs
    (and dead letters) and ``XACK`` s its input entries in one ``MULTI``/``EXEC``: a
    consumer that dies before ``EXEC`` has published nothing and its entries stay pending;
-   after it, both have happened. Nothing is lost, at worst something is done twice.
+   after it, both have happened. Nothing is lost, at worst something is done twice. The
+   trainer issues prompt groups the same way (``StreamPublisher.publish``): the groups and
+   the count of groups issued, or nothing.
 2. Reclaiming. A restarted consumer under the same name replays its own pending entries
    first; the pending entries of a consumer that died for good are taken over with
    ``XAUTOCLAIM`` once idle for ``reclaim_idle_ms``.
