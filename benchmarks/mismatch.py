@@ -24,6 +24,7 @@ import asyncio
 import json
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -78,7 +79,9 @@ async def sample(
             run_id="mismatch", group_id=f"g{group}", sample_idx=index, n=n, policy_version=0,
             policy_version_end=0, prompt_ids=prompt, response_ids=tokens, logprobs=logprobs,
             finish_reason="length" if completion.finish_reason == "length" else "stop",
-            answer="", reward=0.0, reward_reason="unscored",
+            answer="", reward=0.0, reward_reason="unscored", temperature=temperature,
+            temperature_tau=0.0 if adaptive is None else adaptive.temperature_tau,
+            norm_entropys=None if adaptive is None else adaptive.norm_entropys,
         )  # fmt: skip
 
     samples = await asyncio.gather(
@@ -93,28 +96,12 @@ def batch_norm_entropys(model: torch.nn.Module, batch: TrainingBatch, pivot: flo
     return compute_norm_entropys(entropy, batch.response_mask, pivot)
 
 
-def mismatch(
-    model: torch.nn.Module,
-    batch: TrainingBatch,
-    temperature: float,
-    adaptive: AdaptiveTemperature,
-) -> dict[str, float]:
+def mismatch(model: torch.nn.Module, batch: TrainingBatch) -> dict[str, float]:
     """Rollout (``batch.rollout_log_prob``) vs learner log-probs of the sampled tokens, at
     each token's sampling temperature and at the base temperature."""
-    samples = batch.size
-    at_sampling_temperature = sampling_log_probs(
-        model,
-        batch,
-        temperature=torch.full((samples,), temperature),
-        temperature_tau=torch.full((samples,), adaptive.temperature_tau),
-        norm_entropys=torch.tensor(adaptive.norm_entropys).expand(samples, 4),
-    )
+    at_sampling_temperature = sampling_log_probs(model, batch)
     at_base_temperature = sampling_log_probs(
-        model,
-        batch,
-        temperature=torch.full((samples,), temperature),
-        temperature_tau=torch.zeros(samples),
-        norm_entropys=torch.zeros(samples, 4),
+        model, replace(batch, sampling_tau=torch.zeros_like(batch.sampling_tau))
     )
     valid = batch.response_mask.bool()
     mu = batch.rollout_log_prob[valid]
@@ -161,7 +148,7 @@ async def measure(config: HapoConfig, args: argparse.Namespace) -> dict[str, flo
         samples = await sample(engine, prompts, args.n, args.max_tokens, args.temperature, adaptive)
     finally:
         engine.shutdown()
-    return mismatch(model, build_batch(samples, PAD), args.temperature, adaptive)
+    return mismatch(model, build_batch(samples, PAD))
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -38,6 +38,7 @@ from hapo.training.policy import (
     compute_dtype,
     old_log_probs_and_entropy,
     policy_log_probs,
+    sampling_log_probs,
 )
 
 
@@ -100,11 +101,17 @@ class StepTargets:
 
 
 def step_targets(
-    batch: TrainingBatch, old_log_prob: torch.Tensor, entropy: torch.Tensor, config: HapoConfig
+    batch: TrainingBatch,
+    old_log_prob: torch.Tensor,
+    entropy: torch.Tensor,
+    config: HapoConfig,
+    prox_log_prob_at_sampling_temperature: torch.Tensor | None = None,
 ) -> StepTargets:
     """A step's targets from the whole batch's start-of-step log-probs and entropies
     ``[B, R]``: ``norm_entropys`` (docs/design.md, decision 1), advantages, ``h_hat``, and
-    the behaviour correction of each token (decision 5).
+    the behaviour correction of each token (decision 5), ``pi_prox / mu`` with ``pi_prox``
+    at the base temperature (``old_log_prob``) or, when given, at each token's sampling
+    temperature (``rollout_correction.recompute_at_sampling_temperature``).
 
     Staleness is a bound: a sample started more than ``trainer.max_staleness`` versions
     before the weights being trained still counts in its group's advantage (its reward is
@@ -118,8 +125,11 @@ def step_targets(
         actor.entropy_pivot,
         reference_scale_neg_sign=algorithm.reference_scale_neg_sign,
     )
+    prox = old_log_prob
+    if prox_log_prob_at_sampling_temperature is not None:
+        prox = prox_log_prob_at_sampling_temperature
     weights, keep, metrics = compute_rollout_correction(
-        old_log_prob,
+        prox,
         batch.rollout_log_prob,
         batch.response_mask,
         mode=correction.mode,
@@ -138,8 +148,27 @@ def step_targets(
         metrics={
             **{name: value.item() for name, value in metrics.items()},
             **staleness_metrics(batch.staleness, config.trainer.max_staleness),
+            **sampled_temperature_metrics(batch, entropy),
         },
     )
+
+
+def sampled_temperature_metrics(batch: TrainingBatch, entropy: torch.Tensor) -> dict[str, float]:
+    """``entropy/t_dyn_*``: the distribution of the temperatures the batch's tokens were
+    sampled at, ``T * (1 + h_hat * tau)`` with each sample's own statistics, ``h_hat`` from
+    the start-of-step entropies ``[B, R]`` (the sampler saw its own weights' entropies,
+    up to ``max_staleness`` versions older, of the raw logits: equal at ``T = 1``)."""
+    stats = tuple(column[:, None] for column in batch.sampling_norm_entropys.unbind(-1))
+    h_hat = entropy_h_hat(log_entropy(entropy), stats)
+    t_dyn = batch.sampling_temperature[:, None] * (1 + h_hat * batch.sampling_tau[:, None])
+    valid = t_dyn[batch.response_mask.bool()]
+    return {
+        "entropy/t_dyn_mean": valid.mean().item(),
+        "entropy/t_dyn_std": valid.std(correction=0).item(),
+        "entropy/t_dyn_min": valid.min().item(),
+        "entropy/t_dyn_max": valid.max().item(),
+        "entropy/adaptive_samples_frac": (batch.sampling_tau > 0).float().mean().item(),
+    }
 
 
 def staleness_metrics(staleness: torch.Tensor, max_staleness: int) -> dict[str, float]:
@@ -317,16 +346,25 @@ def learner_step(
     start = time.perf_counter()
     actor = config.actor_rollout_ref.actor
     batch = batch.to(next(model.parameters()).device)
+    own, micro = batch.select(collectives.shard(0, batch.size)), actor.ppo_micro_batch_size_per_gpu
+    dtype = compute_dtype(config, batch.input_ids.device)
+    chunk_size = config.trainer.logits_chunk_size
     old_log_prob, entropy = old_log_probs_and_entropy(
-        model,
-        batch.select(collectives.shard(0, batch.size)),
-        actor.ppo_micro_batch_size_per_gpu,
-        temperature=_temperature(config),
-        chunk_size=config.trainer.logits_chunk_size,
-        dtype=compute_dtype(config, batch.input_ids.device),
+        model, own, micro, temperature=_temperature(config), chunk_size=chunk_size, dtype=dtype
     )
     old_log_prob, entropy = collectives.gather_rows(old_log_prob), collectives.gather_rows(entropy)
-    targets = step_targets(batch, old_log_prob, entropy, config)
+    prox_at_sampling_temperature = None
+    if config.algorithm.rollout_correction.recompute_at_sampling_temperature:
+        prox_at_sampling_temperature = collectives.gather_rows(
+            torch.cat([
+                sampling_log_probs(
+                    model, own.select(slice(first, first + micro)), chunk_size=chunk_size,
+                    dtype=dtype,
+                )
+                for first in range(0, own.size, micro)
+            ])
+        )  # fmt: skip
+    targets = step_targets(batch, old_log_prob, entropy, config, prox_at_sampling_temperature)
     old_pass_s = time.perf_counter() - start
 
     means = MetricMeans()

@@ -44,6 +44,12 @@ class TrainingBatch:
             sampled each response token with (adaptive temperature applied), 0 at padding.
         staleness: ``[B]`` int64, policy versions between the weights being trained and
             those that started each sample (0: on-policy).
+        sampling_temperature: ``[B]`` float32 base temperature ``T`` of each sample (1
+            where it was greedy: its log-probs are taken at 1).
+        sampling_tau: ``[B]`` float32 ``tau`` of each sample's adaptive temperature; 0
+            where it was sampled at ``T``.
+        sampling_norm_entropys: ``[B, 4]`` float32 statistics each sample's adaptive
+            temperature used (0 where ``tau`` is 0).
     """
 
     input_ids: torch.Tensor
@@ -56,6 +62,9 @@ class TrainingBatch:
     prompt_length: int
     rollout_log_prob: torch.Tensor
     staleness: torch.Tensor
+    sampling_temperature: torch.Tensor
+    sampling_tau: torch.Tensor
+    sampling_norm_entropys: torch.Tensor
 
     @property
     def size(self) -> int:
@@ -76,6 +85,9 @@ class TrainingBatch:
             token_level_rewards=self.token_level_rewards.to(device),
             rollout_log_prob=self.rollout_log_prob.to(device),
             staleness=self.staleness.to(device),
+            sampling_temperature=self.sampling_temperature.to(device),
+            sampling_tau=self.sampling_tau.to(device),
+            sampling_norm_entropys=self.sampling_norm_entropys.to(device),
         )
 
     def trimmed(self) -> TrainingBatch:
@@ -112,6 +124,9 @@ class TrainingBatch:
             group_index=self.group_index[rows],
             rollout_log_prob=self.rollout_log_prob[rows],
             staleness=self.staleness[rows],
+            sampling_temperature=self.sampling_temperature[rows],
+            sampling_tau=self.sampling_tau[rows],
+            sampling_norm_entropys=self.sampling_norm_entropys[rows],
         )
 
 
@@ -174,6 +189,11 @@ def build_batch(
         prompt_length=prompt_width,
         rollout_log_prob=torch.from_numpy(rollout_log_prob),
         staleness=torch.from_numpy(staleness),
+        sampling_temperature=torch.tensor([t.temperature or 1.0 for t in trajectories]),
+        sampling_tau=torch.tensor([t.temperature_tau for t in trajectories]),
+        sampling_norm_entropys=torch.tensor(
+            [t.norm_entropys or (0.0, 0.0, 0.0, 0.0) for t in trajectories]
+        ),
     )
 
 
@@ -315,24 +335,17 @@ def sampling_log_probs(
     model: nn.Module,
     batch: TrainingBatch,
     *,
-    temperature: torch.Tensor,
-    temperature_tau: torch.Tensor,
-    norm_entropys: torch.Tensor,
     chunk_size: int = 1024,
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``[B, R]`` log-probs of the response tokens at the temperature each was sampled at,
-    ``T_dyn = T * (1 + h_hat * tau)``: the rollout's behaviour log-probs ``log mu``, as this
-    model computes them (``hapo.algorithm.adaptive_temperature_log_probs``); 0 at padding.
+    ``T_dyn = T * (1 + h_hat * tau)`` with each sample's own ``sampling_temperature``,
+    ``sampling_tau`` and ``sampling_norm_entropys``: the rollout's behaviour log-probs
+    ``log mu``, as this model computes them (``adaptive_temperature_log_probs``); 0 at
+    padding.
 
     With the rollout's weights this measures the sampler end to end (``hapo bench
-    mismatch``); with newer ones, ``pi_prox`` at the sampling temperature.
-
-    Args:
-        temperature: ``[B]`` base temperature ``T`` of each sample (> 0).
-        temperature_tau: ``[B]`` ``tau`` of each sample; 0 where it was sampled at ``T``.
-        norm_entropys: ``[B, 4]`` ``(pivot, std, scale_pos, scale_neg)`` each sample was
-            drawn with (any finite values where ``tau`` is 0).
+    mismatch``); with newer ones, it is ``pi_prox`` at the sampling temperature.
     """
     full_width = batch.responses.shape[1]
     batch = batch.trimmed()
@@ -352,9 +365,9 @@ def sampling_log_probs(
         rows,
         batch.responses[valid],
         weight,
-        temperature=per_token(temperature),
-        temperature_tau=per_token(temperature_tau),
-        norm_entropys=[per_token(column) for column in norm_entropys.unbind(-1)],
+        temperature=per_token(batch.sampling_temperature),
+        temperature_tau=per_token(batch.sampling_tau),
+        norm_entropys=[per_token(column) for column in batch.sampling_norm_entropys.unbind(-1)],
         chunk_size=chunk_size,
     )
     grid = log_prob.new_zeros(valid.shape).masked_scatter(valid, log_prob)

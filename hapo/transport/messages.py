@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal, Self
 import msgpack
 import numpy as np
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -54,6 +55,20 @@ def _array(dtype: str) -> Any:
 
 TokenIds = _array("<i4")
 LogProbs = _array("<f4")
+
+
+def _check_norm_entropys(stats: tuple[float, float, float, float]) -> tuple[float, ...]:
+    if not all(math.isfinite(value) for value in stats):
+        raise ValueError("norm_entropys must be finite")
+    if stats[1] < 0:
+        raise ValueError("norm_entropys std must be >= 0")
+    return stats
+
+
+NormEntropysValue = Annotated[
+    tuple[float, float, float, float], AfterValidator(_check_norm_entropys)
+]
+"""``(pivot, std, scale_pos, scale_neg)`` of a training step: finite, ``std >= 0``."""
 
 
 class _Message(BaseModel):
@@ -110,18 +125,10 @@ class AdaptiveTemperature(BaseModel):
     """Sample at ``T * (1 + h_hat * tau)`` instead of ``T``."""
     temperature_tau: float = Field(0.05, ge=0.0, lt=1.0)
     """Relative range of the adjustment."""
-    norm_entropys: tuple[float, float, float, float] | None = None
-    """``(pivot, std, scale_pos, scale_neg)`` of the last training step; None on step 1,
-    which samples at the fixed temperature."""
-
-    @model_validator(mode="after")
-    def _check_stats(self) -> Self:
-        stats = self.norm_entropys
-        if stats is not None and not all(math.isfinite(v) for v in stats):
-            raise ValueError("norm_entropys must be finite")
-        if stats is not None and stats[1] < 0:
-            raise ValueError("norm_entropys std must be >= 0")
-        return self
+    norm_entropys: NormEntropysValue | None = None
+    """``(pivot, std, scale_pos, scale_neg)`` of a training step; None samples at the fixed
+    temperature (step 1). A rollout that received weights with their statistics uses
+    those instead (docs/design.md, decision 6)."""
 
 
 class SamplingSettings(BaseModel):
@@ -191,6 +198,16 @@ class Trajectory(_Message):
     """Unix time generation finished."""
     generation_s: float = Field(0.0, ge=0.0)
     """Seconds from submitting the request to its last token (queueing included)."""
+    temperature: float = Field(1.0, ge=0.0, le=10.0)
+    """Base temperature ``T`` the sample was drawn at (0: greedy)."""
+    temperature_tau: float = Field(0.0, ge=0.0, lt=1.0)
+    """``tau`` of the adaptive temperature it was drawn at; 0 if it was off or had no
+    statistics (the sample is then at ``T``)."""
+    norm_entropys: NormEntropysValue | None = None
+    """The statistics its adaptive temperature used; None when ``temperature_tau`` is 0."""
+    stats_version: int | None = Field(None, ge=0)
+    """Policy version whose training step measured ``norm_entropys`` (that of the weights
+    that started the sample); None where they came from the prompt."""
 
     @model_validator(mode="after")
     def _check_shapes(self) -> Self:
@@ -202,6 +219,8 @@ class Trajectory(_Message):
             raise ValueError(f"sample_idx {self.sample_idx} is not below n={self.n}")
         if self.policy_version_end < self.policy_version:
             raise ValueError("policy_version_end is below policy_version")
+        if self.temperature_tau > 0 and self.norm_entropys is None:
+            raise ValueError("temperature_tau > 0 needs the norm_entropys it sampled with")
         return self
 
     @property

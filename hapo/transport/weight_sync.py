@@ -319,12 +319,16 @@ class RolloutWeightSyncClient:
 
     ``weight_version`` is sent with ``finish_weight_update`` when the engine passes none:
     vLLM's NCCL engine finishes without a version, and the rollout tags trajectories with it.
+    ``norm_entropys`` travel in the same request, so a replica adopts weights and their
+    statistics together.
     """
 
     def __init__(self, base_url: str, token: str | None, timeout_s: float = 300.0) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(base_url=base_url, headers=headers, timeout=timeout_s)
         self.weight_version: str | None = None
+        self.norm_entropys: tuple[float, float, float, float] | None = None
+        """Sent with ``finish_weight_update``: the statistics measured with these weights."""
 
     def _post(self, path: str, body: dict[str, Any] | None = None) -> None:
         self._http.post(path, json=body).raise_for_status()
@@ -340,7 +344,9 @@ class RolloutWeightSyncClient:
 
     def finish_weight_update(self, weight_version: str | None = None) -> None:
         version = self.weight_version if weight_version is None else weight_version
-        self._post("/v1/weights/finish", {"weight_version": version})
+        self._post(
+            "/v1/weights/finish", {"weight_version": version, "norm_entropys": self.norm_entropys}
+        )
 
     def close(self) -> None:
         self._http.close()

@@ -20,6 +20,7 @@ from vllm.distributed.weight_transfer.base import (
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from hapo.runtime.http import Readiness, add_probe_routes, bearer_auth, redis_answers
+from hapo.transport.messages import NormEntropysValue
 
 logger = logging.getLogger("hapo.rollout")
 
@@ -72,6 +73,12 @@ class RolloutState:
     client: aioredis.Redis
     metrics: RolloutMetrics
     policy_version: int = 0
+    norm_entropys: tuple[float, float, float, float] | None = None
+    """Statistics measured by the training step that made these weights (None for the
+    base weights), applied to every request sampled with them (decision 6)."""
+    stats_version: int | None = None
+    """``policy_version`` when the last update brought statistics; None until a trainer
+    pushes weights (then each prompt's own statistics apply)."""
     update_started: float | None = None
     """When the open update paused generation; None while no update is open."""
     update_timeout_s: float = 120.0
@@ -105,8 +112,13 @@ class RolloutState:
                 await self._roll_back("receiving the weights failed")
                 raise
 
-    async def finish(self, weight_version: str | None) -> float:
-        """Load what was received, adopt ``weight_version``, resume; the seconds paused."""
+    async def finish(
+        self,
+        weight_version: str | None,
+        norm_entropys: tuple[float, float, float, float] | None = None,
+    ) -> float:
+        """Load what was received, adopt ``weight_version`` and the ``norm_entropys``
+        measured with those weights, resume; the seconds paused."""
         async with self._lock:
             self._require_open()
             started = self.update_started
@@ -120,6 +132,9 @@ class RolloutState:
             if weight_version is not None:
                 self.policy_version = int(weight_version)
                 self.metrics.policy_version.set(self.policy_version)
+                # Adopted with the weights, before generation resumes: no request samples
+                # new weights with old statistics.
+                self.norm_entropys, self.stats_version = norm_entropys, self.policy_version
             await self._end(resume=True)
             paused = time.monotonic() - started
             self.metrics.weight_update_seconds.observe(paused)
@@ -141,9 +156,10 @@ class RolloutState:
 
         vLLM has moved every layer aside for loading; a session finished without new
         weights for a layer puts its previous weights back (after a transfer that failed
-        midway, the layers it completed keep their new weights). ``policy_version`` stays:
-        trajectories still record their true behaviour log-probs, so the trainer's
-        importance ratios hold either way.
+        midway, the layers it completed keep their new weights). ``policy_version`` and
+        the statistics stay: trajectories still record their true behaviour log-probs,
+        which the trainer's behaviour correction reads (decision 5), so it holds either
+        way.
         """
         logger.warning("weight update abandoned (%s): keeping the weights, resuming", why)
         try:
@@ -183,6 +199,8 @@ class UpdateWeightsRequest(BaseModel):
 class FinishWeightsRequest(BaseModel):
     weight_version: str | None = Field(None, pattern=r"^\d{1,18}$")
     """The new policy version (an integer)."""
+    norm_entropys: NormEntropysValue | None = None
+    """Statistics of the training step that made these weights (None: base weights)."""
 
 
 class WeightsResponse(BaseModel):
@@ -237,7 +255,7 @@ def create_app(state: RolloutState, token: SecretStr | None) -> FastAPI:
     async def finish_update(body: FinishWeightsRequest, state: State) -> WeightsResponse:
         """Load what was received, adopt the new policy version, resume generation; 409 if
         no update is open."""
-        paused = await state.finish(body.weight_version)
+        paused = await state.finish(body.weight_version, body.norm_entropys)
         return WeightsResponse(policy_version=state.policy_version, paused_seconds=paused)
 
     return app

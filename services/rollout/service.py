@@ -7,8 +7,11 @@ Reads ``<prefix>:prompts`` in the ``rollout`` consumer group and keeps up to
 group's ``n`` samples are published to ``<prefix>:trajectories`` together, in the
 transaction that acknowledges the prompt, so a replica killed mid-group publishes nothing
 of it and the group is regenerated whole by whoever reclaims it. Weight updates arrive
-over HTTP (see ``app.py``); generation pauses only for the swap, and each trajectory
-records the policy versions that started and finished it.
+over HTTP (see ``app.py``) with the ``norm_entropys`` measured on them, and every request
+samples at the adaptive temperature with the statistics of the weights it starts on
+(docs/design.md, decision 6); generation pauses only for the swap. Each trajectory records
+the policy versions that started and finished it, and the temperature, ``tau`` and
+statistics it was sampled with, so the learner can recompute its behaviour log-probs.
 """
 
 from __future__ import annotations
@@ -27,7 +30,12 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from hapo.config import HapoConfig
 from hapo.inference.logits_processor import parse_args, to_extra_args
 from hapo.runtime.lifecycle import serve_http, setup_logging, stop_event_on_signals
-from hapo.transport.messages import MalformedMessage, PromptGroup, Trajectory
+from hapo.transport.messages import (
+    AdaptiveTemperature,
+    MalformedMessage,
+    PromptGroup,
+    Trajectory,
+)
 from hapo.transport.streams import (
     REWARD_GROUP,
     ROLLOUT_GROUP,
@@ -43,8 +51,11 @@ from services.rollout.app import RolloutMetrics, RolloutState, create_app
 logger = logging.getLogger("hapo.rollout")
 
 
-def sampling_params(group: PromptGroup, sample_idx: int, *, seeds_allowed: bool) -> SamplingParams:
-    """vLLM sampling parameters of sample ``sample_idx`` of ``group``.
+def sampling_params(
+    group: PromptGroup, sample_idx: int, adaptive: AdaptiveTemperature, *, seeds_allowed: bool
+) -> SamplingParams:
+    """vLLM sampling parameters of sample ``sample_idx`` of ``group``, at the adaptive
+    temperature ``adaptive`` (the group's, with the statistics of the weights that sample).
 
     Raises:
         ValueError: settings the engine would reject, naming the field.
@@ -61,7 +72,7 @@ def sampling_params(group: PromptGroup, sample_idx: int, *, seeds_allowed: bool)
         max_tokens=settings.max_tokens,
         seed=None if settings.seed is None else settings.seed + sample_idx,
         logprobs=0,  # the sampled token's log-prob, after the adaptive temperature
-        extra_args=to_extra_args(settings.adaptive),
+        extra_args=to_extra_args(adaptive),
     )
     parse_args(params)
     return params
@@ -126,14 +137,14 @@ class RolloutService:
                 continue
             try:
                 group = PromptGroup.from_bytes(entry.payload)
-                params = [
-                    sampling_params(group, i, seeds_allowed=self.seeds_allowed)
-                    for i in range(group.n)
-                ]
+                for i in range(group.n):  # refused now, not when its samples start
+                    sampling_params(
+                        group, i, group.sampling.adaptive, seeds_allowed=self.seeds_allowed
+                    )
             except (MalformedMessage, ValueError) as exc:
                 rejected.append((entry, str(exc)))
                 continue
-            task = asyncio.create_task(self._generate_group(entry, group, params))
+            task = asyncio.create_task(self._generate_group(entry, group))
             self._groups.add(task)
             self._generating.add(entry.id)
             task.add_done_callback(lambda done, entry_id=entry.id: self._group_done(done, entry_id))
@@ -151,21 +162,33 @@ class RolloutService:
             # The prompt stays pending and is retried after reclaim_idle_s.
             logger.error("prompt group failed", exc_info=task.exception())
 
-    async def _generate_group(
-        self, entry: Entry, group: PromptGroup, params: list[SamplingParams]
-    ) -> None:
+    async def _generate_group(self, entry: Entry, group: PromptGroup) -> None:
         started = time.monotonic()
-        samples = await asyncio.gather(
-            *(self._sample(group, i, sample_params) for i, sample_params in enumerate(params))
-        )
+        samples = await asyncio.gather(*(self._sample(group, i) for i in range(group.n)))
         outputs = [(self.names.trajectories, trajectory.to_bytes()) for trajectory in samples]
         await self.consumer.commit(outputs=outputs, acks=[entry])
         tokens = sum(len(trajectory.response_ids) for trajectory in samples)
         self.state.metrics.generated_tokens.inc(tokens)
         self.state.metrics.tokens_per_second.set(tokens / max(time.monotonic() - started, 1e-9))
 
-    async def _sample(self, group: PromptGroup, index: int, params: SamplingParams) -> Trajectory:
+    def _adaptive(self, group: PromptGroup) -> tuple[AdaptiveTemperature, int | None]:
+        """The group's adaptive temperature with the statistics of the weights held now
+        (decision 6), and the version that measured them; before any weight push, the
+        statistics the prompt carries (version None)."""
+        adaptive, state = group.sampling.adaptive, self.state
+        if state.stats_version is None:
+            return adaptive, None
+        return adaptive.model_copy(update={"norm_entropys": state.norm_entropys}), (
+            state.stats_version
+        )
+
+    async def _sample(self, group: PromptGroup, index: int) -> Trajectory:
+        # Version, statistics and the request are taken together: a weight update adopts
+        # both at once, and none lands between these lines (no await).
         version, started = self.state.policy_version, time.monotonic()
+        adaptive, stats_version = self._adaptive(group)
+        params = sampling_params(group, index, adaptive, seeds_allowed=self.seeds_allowed)
+        active = parse_args(params)
         request_id = f"{group.run_id}/{group.group_id}/{index}/{uuid.uuid4().hex[:8]}"
         final = None
         async for output in self.engine.generate(
@@ -191,6 +214,10 @@ class RolloutService:
             finish_reason=completion.finish_reason or "abort",
             answer=group.answer,
             generation_s=time.monotonic() - started,
+            temperature=group.sampling.temperature,
+            temperature_tau=0.0 if active is None else active.temperature_tau,
+            norm_entropys=None if active is None else active.norm_entropys,
+            stats_version=None if active is None else stats_version,
         )
 
     async def _report_lag(self) -> None:

@@ -3,12 +3,14 @@
     hapo trainer [--config FILE] [key=value ...]
 
 Per step: make sure the prompt groups of the steps up to ``max_staleness`` ahead are
-queued on ``<prefix>:prompts`` (each carrying the last step's ``norm_entropys``); read
-``<prefix>:scored`` until ``data.train_batch_size`` complete groups are in; run
-``hapo.training.learner.learner_step``; push the new weights to every rollout replica; append one
-JSON line to ``run_dir/<run id>/metrics.jsonl`` (with the ids of the groups trained) and
-update the Prometheus metrics; checkpoint every ``trainer.checkpoint_every`` steps. When
-the run ends, plots and ``summary.md`` go next to the metrics (``hapo.report``).
+queued on ``<prefix>:prompts``; read ``<prefix>:scored`` until ``data.train_batch_size``
+complete groups are in; run ``hapo.training.learner.learner_step`` (behaviour correction
+and the staleness bound included, docs/design.md decision 5); push the new weights with
+the step's ``norm_entropys`` to every rollout replica, which samples those weights with
+those statistics (decision 6); append one JSON line to ``run_dir/<run id>/metrics.jsonl``
+(with the ids of the groups trained) and update the Prometheus metrics; checkpoint every
+``trainer.checkpoint_every`` steps. When the run ends, plots and ``summary.md`` go next to
+the metrics (``hapo.report``).
 
 Resume is exact (details in ``services.trainer.resume``): a step's scored entries are
 acknowledged only once a checkpoint covering it is renamed into place. Started again under
@@ -126,10 +128,10 @@ class TrainerService:
         data, rollout = self.config.data, self.config.actor_rollout_ref.rollout
         question, answer = next(self.problems)
         self.groups_queued += 1  # the ids are 1, 2, ...: resume depends on it
+        # No statistics: the rollout samples with those of the weights it holds (decision 6).
         adaptive = AdaptiveTemperature(
             adaptive_temperature=rollout.adaptive_temperature,
             temperature_tau=rollout.temperature_tau,
-            norm_entropys=self.norm_entropys,
         )
         return PromptGroup(
             run_id=self.run_id, group_id=f"{self.groups_queued:08d}",
@@ -217,7 +219,7 @@ class TrainerService:
                         self.step)  # fmt: skip
         # The rollout may hold weights of steps lost with a killed trainer, or of another
         # run: it gets this run's before the first prompt group is queued.
-        await asyncio.to_thread(self.weights.push, self.policy_version)
+        await asyncio.to_thread(self.weights.push, self.policy_version, self.norm_entropys)
         self.learner = await asyncio.to_thread(
             make_learner, self.model, self.optimizer, self.scheduler, self.config
         )
@@ -237,13 +239,15 @@ class TrainerService:
                 if collected is None:
                     break
                 samples, entries, group_ids = collected
-                batch = build_batch(samples, pad)
+                batch = build_batch(samples, pad, policy_version=self.policy_version)
                 result = await asyncio.to_thread(self.learner.step, batch)
                 self.step = self.policy_version = step
                 self.norm_entropys = tuple(result.norm_entropys)
-                sync_s = await asyncio.to_thread(self.weights.push, self.policy_version)
+                sync_s = await asyncio.to_thread(
+                    self.weights.push, self.policy_version, self.norm_entropys
+                )
                 self.unacked.update((entry.id, entry) for entry in entries)
-                self._record(samples, group_ids, result, sync_s, metrics_file)
+                self._record(group_ids, result, sync_s, metrics_file)
                 if step % self.config.trainer.checkpoint_every == 0 or step == total:
                     await self._checkpoint()
             if self.step < total:
@@ -261,21 +265,18 @@ class TrainerService:
 
     def _record(
         self,
-        samples: list[ScoredTrajectory],
         group_ids: list[str],
         result: LearnerStepResult,
         sync_s: float,
         file: TextIO,
     ) -> None:
         """The step's JSONL line, Prometheus metrics and log line."""
-        staleness = [self.policy_version - 1 - s.policy_version for s in samples]
         now = time.monotonic()
         wall_s, self.last_step_end = now - self.last_step_end, now
         line = {
             "step": self.step, "time": time.time(), "policy_version": self.policy_version,
             **result.metrics, "perf/wall_step_s": wall_s,
             **h_hat_summary(result.h_hat), "perf/weight_sync_s": sync_s,
-            "staleness/mean": sum(staleness) / len(staleness), "staleness/max": max(staleness),
             "data/duplicates": self.groups.duplicates, "data/group_ids": group_ids,
         }  # fmt: skip
         file.write(json.dumps(line) + "\n")

@@ -80,7 +80,13 @@ class WeightPusher:
             init, client=client, source=source
         )
 
-    def _send(self, url: str, port: int, policy_version: int) -> None:
+    def _send(
+        self,
+        url: str,
+        port: int,
+        policy_version: int,
+        norm_entropys: tuple[float, float, float, float] | None,
+    ) -> None:
         """One push to one replica, over its open group or a new one."""
         if url not in self.senders:
             # Opening a group waits for the replica's workers to join; one that is down
@@ -90,14 +96,21 @@ class WeightPusher:
         client, sender = self.senders[url]
         # vLLM's NCCL engine finishes without a version: the client sends this one.
         client.weight_version = str(policy_version)
+        client.norm_entropys = norm_entropys
         sender.send_weights()
 
     def _drop(self, url: str) -> None:
         if failed := self.senders.pop(url, None):
             failed[0].close()
 
-    def push(self, policy_version: int) -> float:
-        """Push the weights as ``policy_version``; returns the seconds it took.
+    def push(
+        self,
+        policy_version: int,
+        norm_entropys: tuple[float, float, float, float] | None = None,
+    ) -> float:
+        """Push the weights as ``policy_version``, with the ``norm_entropys`` measured by
+        the step that made them (the rollout samples these weights with them); returns
+        the seconds it took.
 
         A replica whose open group fails (it restarted) gets one more try over a new
         group; one that still fails, or does not answer its health check, is logged and
@@ -108,13 +121,13 @@ class WeightPusher:
             port = trainer.weight_sync_port + index
             try:
                 try:
-                    self._send(url, port, policy_version)
+                    self._send(url, port, policy_version, norm_entropys)
                 except Exception:
                     if url not in self.senders:
                         raise  # a new group failed: no retry
                     logger.warning("weight push to %s failed; retrying over a new group", url)
                     self._drop(url)
-                    self._send(url, port, policy_version)
+                    self._send(url, port, policy_version, norm_entropys)
             except Exception:  # a replica's failure must not stop the run
                 logger.exception("weight push to %s failed; skipping it this step", url)
                 self._drop(url)

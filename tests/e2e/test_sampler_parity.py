@@ -5,6 +5,7 @@ included), on the default model's real weights, fp32 rollout."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 import torch
@@ -43,17 +44,13 @@ def test_learner_log_probs_at_t_dyn_equal_vllm_behaviour_log_probs() -> None:
         finally:
             engine.shutdown()
 
-    adaptive, samples = asyncio.run(rounds())
+    _, samples = asyncio.run(rounds())
     batch = build_batch(samples, PAD)
-    rows, valid = batch.size, batch.response_mask.bool()
-
-    def learner_log_probs(tau: float) -> torch.Tensor:
-        return sampling_log_probs(
-            model, batch, temperature=torch.ones(rows), temperature_tau=torch.full((rows,), tau),
-            norm_entropys=torch.tensor(adaptive.norm_entropys).expand(rows, 4),
-        )[valid]  # fmt: skip
-
+    assert (batch.sampling_tau == TAU).all()  # each sample records how it was drawn
+    valid = batch.response_mask.bool()
     behaviour = batch.rollout_log_prob[valid]
-    torch.testing.assert_close(learner_log_probs(TAU), behaviour, atol=TOLERANCE, rtol=0)
+    learner = sampling_log_probs(model, batch)[valid]
+    torch.testing.assert_close(learner, behaviour, atol=TOLERANCE, rtol=0)
     # The check can see the temperature: at the base temperature the learner is far off.
-    assert (learner_log_probs(0.0) - behaviour).abs().max() > 20 * TOLERANCE
+    plain = replace(batch, sampling_tau=torch.zeros_like(batch.sampling_tau))
+    assert (sampling_log_probs(model, plain)[valid] - behaviour).abs().max() > 20 * TOLERANCE

@@ -12,7 +12,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import redis
 
+from hapo.config import load_config
+from hapo.transport.base import DATA_FIELD
+from hapo.transport.messages import ScoredTrajectory
 from hapo.transport.streams import StreamNames
 from tests.helpers import free_port, wait_for
 
@@ -32,8 +36,37 @@ def _get(url: str, token: str | None = TOKEN) -> dict | int | None:
         return None
 
 
+def _assert_statistics_travel_with_their_weights(names: StreamNames, lines: list[dict]) -> None:
+    """Each sample was drawn with the statistics of the step that made the weights it
+    started on (max_staleness 1: step 2 trains samples of the base weights, sampled at the
+    fixed temperature; step 3's were drawn by version 1 with step 1's statistics)."""
+    client = redis.Redis.from_url(load_config().redis.url)
+    try:
+        samples = [
+            ScoredTrajectory.from_bytes(fields[DATA_FIELD])
+            for _, fields in client.xrange(names.scored)
+        ]
+    finally:
+        client.close()
+    stats_of_step = {
+        line["step"]: tuple(
+            line[f"entropy/{k}"] for k in ("pivot", "std", "scale_pos", "scale_neg")
+        )
+        for line in lines
+    }
+    versions = {sample.policy_version for sample in samples}
+    assert {0, 1} <= versions  # both cases below were seen
+    for sample in samples:
+        if sample.policy_version == 0:
+            assert (sample.temperature_tau, sample.norm_entropys) == (0.0, None)
+        else:
+            assert sample.stats_version == sample.policy_version
+            assert sample.temperature_tau == 0.05
+            assert sample.norm_entropys == pytest.approx(stats_of_step[sample.policy_version])
+
+
 @pytest.mark.slow
-def test_two_training_steps_through_every_service(
+def test_three_training_steps_through_every_service(
     tiny_model_dir: Path, stream_names: StreamNames, tmp_path: Path
 ) -> None:
     rollout_port, api_port = free_port(), free_port()
@@ -45,7 +78,7 @@ def test_two_training_steps_through_every_service(
         "rollout": ["rollout", *common, "rollout.compile_entropy=false", "rollout.max_model_len=256",
                     f"rollout.http_port={rollout_port}"],
         "reward": ["reward", *common, "reward.http_port=0"],
-        "trainer": ["trainer", *common, "trainer.total_steps=2", "trainer.run_id=smoke",
+        "trainer": ["trainer", *common, "trainer.total_steps=3", "trainer.run_id=smoke",
                     f"trainer.run_dir={tmp_path / 'runs'}", f"trainer.rollout_urls=[\"http://127.0.0.1:{rollout_port}\"]",
                     f"trainer.weight_sync_port={free_port()}", f"api.port={api_port}"],
     }  # fmt: skip
@@ -61,7 +94,7 @@ def test_two_training_steps_through_every_service(
         wait_for(lambda: _get(f"{api}/healthz") is not None, 120, "the trainer's control API")
         assert _get(f"{api}/v1/runs/smoke", token=None) == 401
         run = _get(f"{api}/v1/runs/smoke")
-        assert run["run_id"] == "smoke" and run["total_steps"] == 2
+        assert run["run_id"] == "smoke" and run["total_steps"] == 3
         assert run["state"] in ("pending", "running", "finished")
         assert processes["trainer"].wait(timeout=600) == 0, (tmp_path / "trainer.log").read_text()[
             -3000:
@@ -70,7 +103,7 @@ def test_two_training_steps_through_every_service(
             json.loads(line)
             for line in (tmp_path / "runs" / "smoke" / "metrics.jsonl").read_text().splitlines()
         ]
-        assert [line["step"] for line in lines] == [1, 2]
+        assert [line["step"] for line in lines] == [1, 2, 3]
         for line in lines:
             assert {
                 "loss/approx_kl",
@@ -83,10 +116,11 @@ def test_two_training_steps_through_every_service(
         readiness = json.loads(
             urllib.request.urlopen(f"http://127.0.0.1:{rollout_port}/readyz").read()
         )
-        assert readiness["policy_version"] == 2  # the rollout serves the trainer's newest weights
+        assert readiness["policy_version"] == 3  # the rollout serves the trainer's newest weights
         assert (
-            tmp_path / "runs" / "smoke" / "checkpoints" / "step_00000002" / "model.safetensors"
+            tmp_path / "runs" / "smoke" / "checkpoints" / "step_00000003" / "model.safetensors"
         ).is_file()
+        _assert_statistics_travel_with_their_weights(stream_names, lines)
     finally:
         for process in processes.values():
             if process.poll() is None:

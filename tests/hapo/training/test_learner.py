@@ -37,6 +37,7 @@ from hapo.training.policy import (
     cpu_has_native_bf16,
     old_log_probs_and_entropy,
     policy_log_probs,
+    sampling_log_probs,
 )
 from hapo.transport.messages import ScoredTrajectory
 from tests.helpers import scored_trajectories, tiny_llama
@@ -526,3 +527,41 @@ def test_samples_staler_than_the_bound_leave_the_loss_but_not_the_advantage(
     assert result.metrics["staleness/dropped_samples"] == 1.0
     assert result.metrics["staleness/samples_0"] == 7.0
     assert result.metrics["staleness/max"] == 2.0
+
+
+def test_correction_at_the_sampling_temperature_sees_only_the_policy_change(
+    model: LlamaForCausalLM, batch: TrainingBatch
+) -> None:
+    """Samples drawn by these very weights at an adaptive temperature (tau 0.5): with
+    ``pi_prox`` recomputed at each token's ``T_dyn`` every weight is 1 (no correction
+    needed); at the base temperature the correction sees the temperature as a mismatch."""
+    rows = batch.size
+    _, entropy = old_log_probs_and_entropy(model, batch, rows)
+    stats = compute_norm_entropys(entropy, batch.response_mask)  # as the step before did
+    batch = replace(
+        batch,
+        sampling_tau=torch.full((rows,), 0.5),
+        sampling_norm_entropys=torch.tensor(stats).expand(rows, 4),
+    )
+    batch = replace(batch, rollout_log_prob=sampling_log_probs(model, batch))
+    kl = {}
+    for recompute in (True, False):
+        config = _config(
+            f"algorithm.rollout_correction.recompute_at_sampling_temperature={recompute}"
+        )
+        _, result = _sgd_update(tiny_llama(VOCAB, PAD), batch, config)
+        kl[recompute] = result.metrics["rollout_corr/kl"]
+        if recompute:
+            assert result.metrics["rollout_corr/weight_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert kl[True] < 1e-9 < 1e-4 < kl[False]
+    # The sampled temperatures spread around T = 1 by up to tau.
+    assert 0.5 <= result.metrics["entropy/t_dyn_min"] < 1 < result.metrics["entropy/t_dyn_max"]
+    assert result.metrics["entropy/adaptive_samples_frac"] == 1.0
+
+
+def test_plain_samples_report_their_base_temperature(
+    model: LlamaForCausalLM, batch: TrainingBatch
+) -> None:
+    _, result = _sgd_update(model, batch, _config())
+    assert result.metrics["entropy/t_dyn_min"] == result.metrics["entropy/t_dyn_max"] == 1.0
+    assert result.metrics["entropy/adaptive_samples_frac"] == 0.0

@@ -20,8 +20,9 @@ def group(**settings) -> PromptGroup:
 def test_settings_reach_vllm() -> None:
     adaptive = AdaptiveTemperature(temperature_tau=0.1, norm_entropys=(0.5, 1.0, 2.0, 3.0))
     params = sampling_params(
-        group(temperature=0.8, top_p=0.9, max_tokens=32, seed=10, adaptive=adaptive),
+        group(temperature=0.8, top_p=0.9, max_tokens=32, seed=10),
         3,
+        adaptive,
         seeds_allowed=True,
     )
     assert (params.n, params.temperature, params.top_p, params.max_tokens, params.seed) == (
@@ -38,17 +39,18 @@ def test_settings_reach_vllm() -> None:
 
 def test_first_step_and_greedy_run_without_the_processor() -> None:
     assert (
-        parse_args(sampling_params(group(), 0, seeds_allowed=False)) is None
+        parse_args(sampling_params(group(), 0, AdaptiveTemperature(), seeds_allowed=False)) is None
     )  # no norm_entropys yet
-    greedy = group(
-        temperature=0.0, adaptive=AdaptiveTemperature(norm_entropys=(0.0, 1.0, 1.0, 1.0))
+    adaptive = AdaptiveTemperature(norm_entropys=(0.0, 1.0, 1.0, 1.0))
+    assert (
+        parse_args(sampling_params(group(temperature=0.0), 0, adaptive, seeds_allowed=False))
+        is None
     )
-    assert parse_args(sampling_params(greedy, 0, seeds_allowed=False)) is None
 
 
 def test_seeds_refused_where_they_crash_vllm_cpu() -> None:
     with pytest.raises(ValueError, match=r"sampling\.seed"):
-        sampling_params(group(seed=1), 0, seeds_allowed=False)
+        sampling_params(group(seed=1), 0, AdaptiveTemperature(), seeds_allowed=False)
 
 
 @pytest.mark.parametrize(
