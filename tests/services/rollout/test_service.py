@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -44,8 +45,10 @@ class Replicas:
         ]  # fmt: skip
         log = (self.log_dir / f"{name}.log").open("w")
         env = {**os.environ, "HAPO_API_TOKEN": "test-token"}
+        # Its own process group: a SIGKILL to the group takes vLLM's engine core with the
+        # replica, as a container's death would (a replica killed alone orphans it).
         self.processes[name] = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=env
+            command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
 
 
@@ -77,10 +80,10 @@ def replicas(
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
     for process in replicas.processes.values():
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        with contextlib.suppress(ProcessLookupError):  # the engine core, whatever happened
+            os.killpg(process.pid, signal.SIGKILL)
     keys = list(client.scan_iter(match=f"{names.prefix}:*"))
     if keys:
         client.delete(*keys)
@@ -152,7 +155,7 @@ def test_sigkill_mid_group_loses_nothing(replicas: Replicas, client: redis.Redis
 
     wait_for(victim_holds_groups, 120, "the victim to hold groups")
     victim = replicas.processes["victim"]
-    victim.send_signal(signal.SIGKILL)
+    os.killpg(victim.pid, signal.SIGKILL)
     victim.wait()
 
     def all_groups_done() -> bool:
