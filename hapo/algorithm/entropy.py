@@ -83,4 +83,7 @@ def chunk_logits(
     hidden states through ``lm_head_weight`` ``[V, H]``; divided by ``temperature``."""
     logits = chunk if lm_head_weight is None else chunk @ lm_head_weight.T
     logits = logits.float()
-    return logits.div_(temperature) if temperature != 1.0 else logits
+    if temperature == 1.0:
+        return logits
+    # In place only on a tensor of our own: fp32 logits passed in are the caller's.
+    return logits / temperature if logits is chunk else logits.div_(temperature)

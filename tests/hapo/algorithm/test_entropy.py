@@ -33,3 +33,10 @@ def test_no_graph_and_bad_arguments() -> None:
         entropy_from_logits_chunked(logits, chunk_size=0)
     with pytest.raises(ValueError, match="temperature"):
         entropy_from_logits_chunked(logits, temperature=0.0)
+
+
+def test_chunked_entropy_leaves_the_callers_logits_alone() -> None:
+    logits = torch.randn(3, 5, 11)
+    before = logits.clone()
+    entropy_from_logits_chunked(logits, temperature=0.7, chunk_size=4)
+    assert torch.equal(logits, before)
