@@ -1,18 +1,37 @@
-"""Training problems: the built-in generated arithmetic task, or a local JSONL/Parquet file
-with ``prompt`` and ``answer`` columns (GSM8K, DAPO-Math-17k layouts)."""
+"""Training problems: the built-in generated arithmetic tasks, or a local JSONL/Parquet file
+with ``prompt`` and ``answer`` columns (GSM8K, DAPO-Math-17k layouts).
+
+Built-in tasks (``builtin:<name>``):
+
+- ``addition``: single-digit ``a + b``, all 100 facts (the quick demo's task);
+- ``addition2``: two-digit operands, the training split: never a held-out problem;
+- ``addition2-heldout``: two-digit operands, only held-out problems (evaluation).
+
+The held-out split (``is_heldout``) is about a fifth of the problems, chosen by a stable
+hash of the unordered operand pair. ``addition`` has no split: a fifth of its 100 facts,
+about 20 problems, is too few to score a model on, and it stays the demo's task unchanged.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 BUILTIN_PREFIX = "builtin:"
+HELDOUT_SUFFIX = "-heldout"
+HELDOUT_ONE_IN = 5
+"""One problem in this many (about) is held out of training."""
+
+Split = Literal["all", "train", "heldout"]
+"""Which problems a built-in task draws: every one, only those outside the held-out
+split, or only those in it."""
 
 
 class Problem(NamedTuple):
@@ -20,11 +39,38 @@ class Problem(NamedTuple):
     answer: str
 
 
-def addition_problem(rng: random.Random, digits: int) -> Problem:
-    """``a + b`` with ``digits``-digit operands, asking for just the number."""
+class BuiltinTask(NamedTuple):
+    """A generated addition task: operands with up to ``digits`` digits, from ``split``."""
+
+    digits: int
+    split: Split
+
+
+BUILTIN_TASKS: dict[str, BuiltinTask] = {
+    "addition": BuiltinTask(1, "all"),
+    "addition2": BuiltinTask(2, "train"),
+    f"addition2{HELDOUT_SUFFIX}": BuiltinTask(2, "heldout"),
+}
+"""The built-in tasks by name (``builtin:<name>``)."""
+
+
+def is_heldout(a: int, b: int) -> bool:
+    """Whether ``a + b`` is a held-out problem. A function of the unordered pair, so that
+    ``b + a`` is held out with it (a held-out fact is never trained on, in either order),
+    through a stable hash: Python's ``hash`` of a str is salted per process."""
+    low, high = sorted((a, b))
+    digest = hashlib.blake2b(f"{low}+{high}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % HELDOUT_ONE_IN == 0
+
+
+def addition_problem(rng: random.Random, digits: int, split: Split = "all") -> Problem:
+    """``a + b`` with operands of up to ``digits`` digits from ``split``, asking for just
+    the number. Draws again until the pair is in the split: uniform over its problems."""
     high = 10**digits - 1
-    a, b = rng.randint(0, high), rng.randint(0, high)
-    return Problem(f"What is {a} + {b}? Answer with just the number.", str(a + b))
+    while True:
+        a, b = rng.randint(0, high), rng.randint(0, high)
+        if split == "all" or is_heldout(a, b) == (split == "heldout"):
+            return Problem(f"What is {a} + {b}? Answer with just the number.", str(a + b))
 
 
 def _read_file(path: Path) -> list[Problem]:
@@ -45,15 +91,16 @@ def _read_file(path: Path) -> list[Problem]:
 
 
 def problem_stream(spec: str, seed: int) -> Iterator[Problem]:
-    """Endless problems: ``builtin:addition`` (single-digit), ``builtin:addition2``
-    (two-digit), or a file, reshuffled every epoch. Deterministic for a seed."""
+    """Endless problems: a built-in task (``BUILTIN_TASKS``), or a file, reshuffled every
+    epoch. Deterministic for a seed."""
     rng = random.Random(seed)
     if spec.startswith(BUILTIN_PREFIX):
-        digits = {"addition": 1, "addition2": 2}.get(spec.removeprefix(BUILTIN_PREFIX))
-        if digits is None:
-            raise ValueError(f"unknown built-in task {spec!r}: use builtin:addition(2)")
+        task = BUILTIN_TASKS.get(spec.removeprefix(BUILTIN_PREFIX))
+        if task is None:
+            known = ", ".join(BUILTIN_PREFIX + name for name in BUILTIN_TASKS)
+            raise ValueError(f"unknown built-in task {spec!r}: use one of {known}")
         while True:
-            yield addition_problem(rng, digits)
+            yield addition_problem(rng, task.digits, task.split)
     problems = _read_file(Path(spec).expanduser())
     while True:
         order = list(range(len(problems)))
