@@ -24,22 +24,23 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 
 from hapo.report import columns, moving_average, read_metrics
 
+HAPO_PARTS: dict[str, str] = {
+    "adaptive_temperature": "actor_rollout_ref.rollout.adaptive_temperature=false",
+    "token_advantage": "algorithm.adv_estimator=grpo",
+    "ada_advantage": "actor_rollout_ref.actor.adaptive_advantage=false",
+    "ada_clip": "actor_rollout_ref.actor.adaptive_clip=false",
+}
+"""HAPO's four parts (all on by default), each with the override that turns it off."""
 PAIRS: dict[str, dict[str, list[str]]] = {
-    "hapo-grpo": {
-        "hapo": [],
-        "grpo": [
-            "algorithm.adv_estimator=grpo",
-            "actor_rollout_ref.rollout.adaptive_temperature=false",
-            "actor_rollout_ref.actor.adaptive_clip=false",
-            "actor_rollout_ref.actor.adaptive_advantage=false",
-        ],
-    },
+    "hapo-grpo": {"hapo": [], "grpo": list(HAPO_PARTS.values())},
     "async-sync": {
         "async": ["trainer.max_staleness=1"],
         "sync": ["trainer.max_staleness=0"],
@@ -49,18 +50,30 @@ LAST_STEPS = 5
 """Steps averaged for the "final reward" figure."""
 
 
-def run_variant(name: str, overrides: list[str], steps: int, run_dir: Path) -> Path:
-    """``hapo up`` for one variant; returns its metrics file."""
-    hapo = str(Path(sys.executable).with_name("hapo"))
-    command = [hapo, "up", "--steps", str(steps), "--run-dir", str(run_dir), *overrides,
-               f"trainer.run_id={name}"]  # fmt: skip
-    print(f"[{name}] {' '.join(command[1:])}", flush=True)
+def run_hapo(args: Sequence[str], label: str, log: Path, stdout: Path | None = None) -> None:
+    """Run ``hapo ARGS`` (the entry point next to this Python) to its end, its output
+    appended to ``log`` (standard output too, unless ``stdout`` names a file of its own).
+
+    Raises:
+        SystemExit: the command failed (naming the log).
+    """
+    command = [str(Path(sys.executable).with_name("hapo")), *args]
+    print(f"[{label}] hapo {' '.join(args)}", flush=True)
     started = time.monotonic()
-    with (run_dir / f"{name}.up.log").open("w") as log:
-        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+    with log.open("a") as errors, stdout.open("w") if stdout else nullcontext(errors) as output:
+        code = subprocess.run(command, stdout=output, stderr=errors).returncode
     if code:
-        raise SystemExit(f"[{name}] hapo up exited with {code}: see {run_dir}/{name}.up.log")
-    print(f"[{name}] done in {time.monotonic() - started:.0f} s", flush=True)
+        raise SystemExit(f"[{label}] hapo {args[0]} exited with {code}: see {log}")
+    print(f"[{label}] hapo {args[0]} done in {time.monotonic() - started:.0f} s", flush=True)
+
+
+def run_variant(name: str, overrides: list[str], steps: int, run_dir: Path) -> Path:
+    """``hapo up`` of run ``name`` under ``run_dir`` (log: ``run_dir/<name>.up.log``);
+    returns its metrics file. A run of that name already there resumes from its newest
+    checkpoint."""
+    args = ["up", "--steps", str(steps), "--run-dir", str(run_dir), *overrides,
+            f"trainer.run_id={name}"]  # fmt: skip
+    run_hapo(args, name, run_dir / f"{name}.up.log")
     return run_dir / name / "metrics.jsonl"
 
 
