@@ -57,6 +57,7 @@ class Benchmark(enum.StrEnum):
     mismatch = "mismatch"
     reward = "reward"
     rollout = "rollout"
+    study = "study"
     trainer = "trainer"
     trl_compare = "trl_compare"
 
@@ -195,6 +196,8 @@ def bench(ctx: typer.Context, name: Benchmark) -> None:
             from benchmarks.reward import main
         case Benchmark.rollout:
             from benchmarks.rollout import main
+        case Benchmark.study:
+            from benchmarks.study import main
         case Benchmark.trainer:
             from benchmarks.trainer import main
         case Benchmark.trl_compare:

@@ -1,0 +1,476 @@
+"""An ablation study of HAPO's parts: every variant trained with several seeds at equal
+budget, each final checkpoint scored on problems it never trained on.
+
+    hapo bench study [--steps 20] [--seeds 0 1 2] [--variants NAME ...] [--dir runs/study]
+                     [--task builtin:addition2] [--heldout SPEC] [--eval-n 200]
+                     [--report-only] [-- overrides ...]
+
+Variants (``VARIANTS``): ``hapo`` (every part on: the default config), ``grpo`` (every part
+off), and one part off at a time: ``no_adaptive_temperature``, ``no_token_advantage``
+(``adv_estimator=grpo``), ``no_ada_advantage``, ``no_ada_clip`` (the parts and their
+switches are ``benchmarks.compare.HAPO_PARTS``). The runs differ only in the variant's
+overrides and the seed: same steps, batch, samples per prompt and shared overrides.
+
+Run ``<variant>-s<seed>`` is ``hapo up --steps N --run-dir DIR/runs`` with ``seed=<seed>``,
+``data.train_files=<task>`` and ``trainer.run_id=<variant>-s<seed>`` (and, unless overridden,
+``trainer.checkpoint_keep_last=1``: a study keeps one checkpoint per run), then ``hapo eval`` of
+its final checkpoint on ``--heldout`` (default ``<task>-heldout``: for
+``builtin:addition2``, the held-out split that training never draws from), kept as
+``DIR/runs/<run id>/eval.json``. The base model is evaluated once (``DIR/base_eval.json``).
+Runs go seed by seed (every variant of seed 0 first), so a study cut short compares all
+variants on the seeds it finished.
+
+Resume: start the study again with the same settings (kept in ``DIR/study.json``; a restart
+with other ones is refused, runs of other budgets would not compare). A run with its
+``eval.json`` is skipped, a run at its final checkpoint is only evaluated, a run stopped
+midway continues from its newest checkpoint (``hapo up`` under the same run id), then is
+evaluated. Seeds and variants can be added by a later start.
+
+Writes, from the finished runs, ``DIR/study.md``: per variant the seeds finished, held-out
+accuracy and training reward over the last 5 steps (means over seeds with Student-t 95%
+intervals, n - 1 degrees of freedom), token entropy over the last 5 steps (mean), and the
+base model's accuracy; and ``DIR/study_reward.png``: each variant's reward per step (5-step
+moving average), mean over seeds with the min-max band over seeds. ``--report-only`` only
+writes these. Last line:
+{"bench": "study", ..., "base": {...}, "variants": {name: {"seeds": k, "heldout_mean": m,
+"heldout_ci95": [lo, hi], "reward_last_mean": r, "reward_last_ci95": [lo, hi],
+"entropy_last_mean": e, ...}}}
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from benchmarks.compare import HAPO_PARTS, LAST_STEPS, run_hapo, run_variant
+from hapo.data import BUILTIN_PREFIX, BUILTIN_TASKS, HELDOUT_SUFFIX
+from hapo.report import Columns, columns, moving_average, read_metrics
+
+VARIANTS: dict[str, list[str]] = {
+    "hapo": [],
+    "grpo": list(HAPO_PARTS.values()),
+    **{f"no_{part}": [switch] for part, switch in HAPO_PARTS.items()},
+}
+"""Each variant's overrides on top of the default config (every HAPO part on)."""
+
+RUN_DEFAULTS = ["trainer.checkpoint_keep_last=1"]
+"""Overrides of every run that the user's can replace: one checkpoint per run (model and
+optimizer state) is all that resume and the eval need; a study's dozens of runs would
+otherwise keep several each."""
+RUNS = "runs"
+"""Subfolder of the study holding the runs (``hapo up --run-dir``)."""
+EVAL_FILE = "eval.json"
+BASE_EVAL_FILE = "base_eval.json"
+SETTINGS_FILE = "study.json"
+RUN_ID = re.compile(r"(?P<variant>[a-z_]+)-s(?P<seed>\d+)")
+OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=")
+"""A config override, ``dotted.key=value``."""
+
+T_975 = (
+    12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
+    2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,
+    2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423,
+)  # fmt: skip
+"""0.975 quantiles of Student's t with 1, 2, ..., 30 degrees of freedom."""
+Z_975 = 1.959963984540054
+"""0.975 quantile of the standard normal."""
+
+
+def t_975(dof: int) -> float:
+    """The 0.975 quantile of Student's t with ``dof`` degrees of freedom (the half-width
+    factor of a two-sided 95% interval): ``T_975`` up to 30, beyond it the Cornish-Fisher
+    expansion around the normal quantile (Abramowitz & Stegun 26.7.5; error below 1e-7)."""
+    if dof < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {dof}")
+    if dof <= len(T_975):
+        return T_975[dof - 1]
+    z = Z_975
+    terms = (
+        (z**3 + z) / 4,
+        (5 * z**5 + 16 * z**3 + 3 * z) / 96,
+        (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384,
+        (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160,
+    )
+    return z + sum(term / dof**power for power, term in enumerate(terms, 1))
+
+
+def mean_ci95(values: Sequence[float]) -> tuple[float, tuple[float, float] | None]:
+    """Mean of ``values`` (one per seed) and its 95% interval, ``mean ± t_975(n - 1) * s /
+    sqrt(n)`` with ``s`` the sample standard deviation; no interval for a single value."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None
+    std = math.sqrt(sum((value - mean) ** 2 for value in values) / (n - 1))
+    half = t_975(n - 1) * std / math.sqrt(n)
+    return mean, (mean - half, mean + half)
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The study's own arguments and the config overrides (``key=value``) in ``argv``.
+
+    ``hapo bench`` passes the arguments after ``--`` without the ``--``, so a list option
+    (``--seeds 0 1 2``) would swallow the overrides that follow it: they are told apart by
+    their form instead (everything after a ``--`` still there counts as an override).
+    """
+    own, overrides = [], []
+    for index, arg in enumerate(argv):
+        if arg == "--":
+            return own, [*overrides, *argv[index + 1 :]]
+        (overrides if OVERRIDE.match(arg) else own).append(arg)
+    return own, overrides
+
+
+def default_heldout(task: str) -> str | None:
+    """The held-out task of a built-in training task (``builtin:addition2`` ->
+    ``builtin:addition2-heldout``), or None if it has none."""
+    heldout = task + HELDOUT_SUFFIX
+    return heldout if heldout.removeprefix(BUILTIN_PREFIX) in BUILTIN_TASKS else None
+
+
+# --- bookkeeping ---------------------------------------------------------------------
+
+
+class Action(enum.StrEnum):
+    """What a run still needs."""
+
+    DONE = "done"
+    """Evaluated (``eval.json``): skipped."""
+    EVALUATE = "evaluate"
+    """At its final checkpoint, not evaluated."""
+    RESUME = "resume"
+    """Started (metrics or checkpoints) but stopped short: ``hapo up`` continues it from its
+    newest checkpoint, then it is evaluated."""
+    START = "start"
+    """Not started: trained from the base model, then evaluated."""
+
+
+class Job(NamedTuple):
+    """One run of the study and what it still needs."""
+
+    variant: str
+    seed: int
+    action: Action
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.variant}-s{self.seed}"
+
+
+def final_checkpoint(run: Path, steps: int) -> Path:
+    """The checkpoint folder of a run's last step (the trainer always saves it)."""
+    return run / "checkpoints" / f"step_{steps:08d}"
+
+
+def next_action(run: Path, steps: int) -> Action:
+    """What the run in folder ``run`` of a ``steps``-step study still needs."""
+    if (run / EVAL_FILE).is_file():
+        return Action.DONE
+    if final_checkpoint(run, steps).is_dir():
+        return Action.EVALUATE
+    if (run / "metrics.jsonl").is_file() or (run / "checkpoints").is_dir():
+        return Action.RESUME
+    return Action.START
+
+
+def plan(study: Path, variants: Sequence[str], seeds: Sequence[int], steps: int) -> list[Job]:
+    """Every run of the study, seed by seed, with what it still needs."""
+    return [
+        Job(variant, seed, next_action(study / RUNS / f"{variant}-s{seed}", steps))
+        for seed in seeds
+        for variant in variants
+    ]
+
+
+def check_settings(study: Path, settings: dict) -> None:
+    """Keep the study's settings at its first start; refuse a restart with other ones.
+
+    Raises:
+        SystemExit: the study in ``study`` ran with other settings.
+    """
+    path = study / SETTINGS_FILE
+    if not path.is_file():
+        path.write_text(json.dumps(settings, indent=2) + "\n")
+        return
+    before = json.loads(path.read_text())
+    changed = [key for key in settings if before.get(key) != settings[key]]
+    if changed:
+        was = ", ".join(f"{key}={before.get(key)!r}" for key in changed)
+        raise SystemExit(f"{path}: this study ran with {was}; use those or another --dir")
+
+
+def save_eval(stdout: Path, target: Path) -> dict:
+    """Keep the last line of ``hapo eval``'s standard output (its JSON result) as
+    ``target``, written under a temporary name and renamed: an ``eval.json`` marks a
+    finished run, so a kill must not leave half of one."""
+    lines = [line for line in stdout.read_text().splitlines() if line.strip()]
+    try:
+        result = json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        raise SystemExit(f"{stdout}: the last line is not hapo eval's JSON result") from None
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(json.dumps(result) + "\n")
+    os.replace(tmp, target)
+    return result
+
+
+def evaluate(label: str, model: Path | None, heldout: str, n: int, overrides: list[str],
+             target: Path) -> None:  # fmt: skip
+    """``hapo eval`` of ``model`` (None: the configured base model) on ``n`` problems of
+    ``heldout``, its result kept in ``target`` (output next to it, ``*.log``, ``*.out``)."""
+    args = ["eval", "--data", heldout, "--n", str(n), *overrides]
+    if model is not None:
+        args += ["--model", str(model)]
+    stdout = target.with_suffix(".out")
+    run_hapo(args, label, target.with_suffix(".log"), stdout)
+    result = save_eval(stdout, target)
+    print(f"[{label}] held-out accuracy {result['mean']:.3f} on {result['n']}", flush=True)
+
+
+def _elapsed(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m{seconds:02d}s"
+
+
+def run_study(study: Path, jobs: list[Job], steps: int, task: str, heldout: str, eval_n: int,
+              overrides: list[str]) -> None:  # fmt: skip
+    """Evaluate the base model if not yet done, then train and evaluate each job in turn,
+    printing which run, how many of the whole and the time since this start."""
+    started = time.monotonic()
+    (study / RUNS).mkdir(parents=True, exist_ok=True)
+    if not (study / BASE_EVAL_FILE).is_file():
+        evaluate("base", None, heldout, eval_n, overrides, study / BASE_EVAL_FILE)
+    for number, job in enumerate(jobs, 1):
+        run = study / RUNS / job.run_id
+        progress = f"[{number}/{len(jobs)} {_elapsed(time.monotonic() - started)}]"
+        if job.action is Action.DONE:
+            print(f"{progress} {job.run_id}: finished before, skipped", flush=True)
+            continue
+        if job.action is Action.RESUME:
+            metrics = run / "metrics.jsonl"
+            logged = len(read_metrics(metrics)[0]) if metrics.is_file() else 0
+            print(f"{progress} {job.run_id}: resume ({logged} of {steps} steps logged)",
+                  flush=True)  # fmt: skip
+        else:
+            print(f"{progress} {job.run_id}: {job.action}", flush=True)
+        if job.action in (Action.START, Action.RESUME):
+            # The study's own settings come after the user's: they define the run.
+            own = [f"seed={job.seed}", f"data.train_files={task}", *VARIANTS[job.variant]]
+            run_variant(job.run_id, [*RUN_DEFAULTS, *overrides, *own], steps, study / RUNS)
+        checkpoint = final_checkpoint(run, steps)
+        if not checkpoint.is_dir():
+            raise SystemExit(f"[{job.run_id}] hapo up ended without {checkpoint}")
+        evaluate(job.run_id, checkpoint, heldout, eval_n, overrides, run / EVAL_FILE)
+    print(f"study: {len(jobs)} runs finished in {_elapsed(time.monotonic() - started)}")
+
+
+# --- report --------------------------------------------------------------------------
+
+
+def finished_runs(study: Path) -> dict[str, dict[int, Path]]:
+    """The evaluated runs under ``study``, by variant (in ``VARIANTS`` order) and seed."""
+    found: dict[str, dict[int, Path]] = {}
+    for eval_file in (study / RUNS).glob(f"*/{EVAL_FILE}"):
+        match = RUN_ID.fullmatch(eval_file.parent.name)
+        if match and match["variant"] in VARIANTS:
+            found.setdefault(match["variant"], {})[int(match["seed"])] = eval_file.parent
+    return {variant: dict(sorted(found[variant].items())) for variant in VARIANTS
+            if variant in found}  # fmt: skip
+
+
+def _last_mean(cols: Columns, key: str) -> float:
+    """Mean of ``key``'s finite values over the last ``LAST_STEPS`` steps (NaN if none)."""
+    values = cols.get(key, np.empty(0))[-LAST_STEPS:]
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else math.nan
+
+
+def _rounded(value: float) -> float | None:
+    """A figure for the JSON line: 4 decimals, None for NaN (not valid JSON)."""
+    return None if math.isnan(value) else round(value, 4)
+
+
+def _interval(interval: tuple[float, float] | None) -> list[float] | None:
+    """An interval for the JSON line: 4 decimals, None if there is none or it is NaN."""
+    if interval is None or any(math.isnan(bound) for bound in interval):
+        return None
+    return [round(bound, 4) for bound in interval]
+
+
+def summarise(runs: dict[int, Path]) -> dict:
+    """One variant's figures over its finished runs (by seed)."""
+    heldout, reward, entropy = [], [], []
+    for run in runs.values():
+        heldout.append(float(json.loads((run / EVAL_FILE).read_text())["mean"]))
+        cols = columns(read_metrics(run / "metrics.jsonl")[0])
+        reward.append(_last_mean(cols, "reward/mean"))
+        entropy.append(_last_mean(cols, "entropy/mean"))
+    heldout_mean, heldout_ci = mean_ci95(heldout)
+    reward_mean, reward_ci = mean_ci95(reward)
+    return {
+        "seeds": len(runs),
+        "heldout_by_seed": dict(zip(map(str, runs), map(_rounded, heldout), strict=True)),
+        "heldout_mean": _rounded(heldout_mean), "heldout_ci95": _interval(heldout_ci),
+        "reward_last_mean": _rounded(reward_mean), "reward_last_ci95": _interval(reward_ci),
+        "entropy_last_mean": _rounded(sum(entropy) / len(entropy)),
+    }  # fmt: skip
+
+
+def parts_off(variant: str) -> str:
+    """The HAPO parts the variant turns off, for the table."""
+    off = [part for part, switch in HAPO_PARTS.items() if switch in VARIANTS[variant]]
+    return "all" if len(off) == len(HAPO_PARTS) else ", ".join(off) or "none"
+
+
+def _cell(mean: float | None, interval: list[float] | None) -> str:
+    if mean is None:
+        return "n/a"
+    if interval is None:
+        return f"{mean:.3f}"
+    return f"{mean:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]"
+
+
+def table(summaries: dict[str, dict], base: dict | None, settings: dict | None) -> str:
+    """``study.md``: the settings, the base model's accuracy and one row per variant."""
+    lines = ["# Ablation study of HAPO's parts", ""]
+    if settings is not None:
+        lines += [
+            f"{settings['steps']} training steps per run on `{settings['task']}`; held-out "
+            f"accuracy (greedy) on {settings['eval_n']} problems of `{settings['heldout']}`; "
+            f"overrides: `{' '.join(settings['overrides']) or 'none'}`.",
+            "",
+        ]
+    if base is not None:
+        line = f"Base model: held-out accuracy {base['mean']:.3f}"
+        if base.get("ci95"):
+            low, high = base["ci95"]
+            line += f" [{low:.3f}, {high:.3f}] ({base['ci_method']} interval over problems)"
+        lines += [line + ".", ""]
+    lines += [
+        f"Means over seeds with 95% Student-t intervals (n - 1 degrees of freedom); reward "
+        f"and entropy are each run's mean over its last {LAST_STEPS} steps.",
+        "",
+        f"| variant | parts off | seeds | held-out accuracy | reward, last {LAST_STEPS} "
+        f"steps | entropy, last {LAST_STEPS} steps |",
+        "|---|---|---|---|---|---|",
+    ]
+    for variant, s in summaries.items():
+        lines.append(
+            f"| {variant} | {parts_off(variant)} | {s['seeds']} | "
+            f"{_cell(s['heldout_mean'], s['heldout_ci95'])} | "
+            f"{_cell(s['reward_last_mean'], s['reward_last_ci95'])} | "
+            f"{_cell(s['entropy_last_mean'], None)} |"
+        )
+    return "\n".join(lines) + "\n\n![reward](study_reward.png)\n"
+
+
+def plot(runs: dict[str, dict[int, Path]], path: Path) -> None:
+    """Each variant's reward per step: the ``LAST_STEPS``-step moving average of every
+    seed's batch mean reward, averaged over seeds (line) and its min-max over seeds
+    (band)."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(8, 4.5))
+    axes = figure.subplots()
+    for index, (variant, seeds) in enumerate(runs.items()):
+        curves = []
+        for run in seeds.values():
+            cols = columns(read_metrics(run / "metrics.jsonl")[0])
+            smooth = moving_average(cols["reward/mean"], LAST_STEPS)
+            curves.append(dict(zip(cols["step"].astype(int).tolist(), smooth, strict=True)))
+        # Aligned by step number: a run's metrics are one line per step, but nothing
+        # forces every run to have logged the same steps.
+        steps = sorted(set().union(*curves))
+        smooth = np.array([[curve.get(step, np.nan) for step in steps] for curve in curves])
+        colour = f"C{index}"
+        axes.plot(steps, np.nanmean(smooth, axis=0), color=colour,
+                  label=f"{variant} ({len(seeds)} seeds)")  # fmt: skip
+        axes.fill_between(steps, np.nanmin(smooth, axis=0), np.nanmax(smooth, axis=0),
+                          color=colour, alpha=0.15, linewidth=0)  # fmt: skip
+    axes.set(xlabel="step", ylabel=f"reward ({LAST_STEPS}-step moving average)",
+             title="Reward: mean over seeds, band min-max over seeds")  # fmt: skip
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+def report(study: Path) -> dict:
+    """Write ``study.md`` and ``study_reward.png`` from the study's finished runs; returns
+    the JSON line's object.
+
+    Raises:
+        SystemExit: there is no folder ``study``.
+    """
+    if not study.is_dir():
+        raise SystemExit(f"{study}: no such study folder")
+    runs = finished_runs(study)
+    summaries = {variant: summarise(seeds) for variant, seeds in runs.items()}
+    settings_file, base_file = study / SETTINGS_FILE, study / BASE_EVAL_FILE
+    settings = json.loads(settings_file.read_text()) if settings_file.is_file() else None
+    base = json.loads(base_file.read_text()) if base_file.is_file() else None
+    (study / "study.md").write_text(table(summaries, base, settings))
+    if runs:
+        plot(runs, study / "study_reward.png")
+    return {
+        "bench": "study",
+        **(settings or {}),
+        "base": None if base is None else {
+            "heldout_mean": _rounded(base["mean"]), "heldout_ci95": base.get("ci95"),
+        },
+        "variants": summaries,
+    }  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        prog="hapo bench study",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--steps", type=int, default=20, help="training steps per run")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="SEED")
+    parser.add_argument(
+        "--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+        metavar="VARIANT", help=f"default: all of {', '.join(VARIANTS)}",
+    )  # fmt: skip
+    parser.add_argument("--dir", type=Path, default=Path("runs/study"), help="the study's folder")
+    parser.add_argument("--task", default="builtin:addition2", help="training problems")
+    parser.add_argument("--heldout", help="evaluation problems (default: the task's held-out)")
+    parser.add_argument("--eval-n", type=int, default=200, help="held-out problems per eval")
+    parser.add_argument("--report-only", action="store_true",
+                        help="only write the table and plot from the finished runs")  # fmt: skip
+    own, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(own)
+    seeds = list(dict.fromkeys(args.seeds))
+    variants = list(dict.fromkeys(args.variants))
+    if not args.report_only:
+        heldout = args.heldout or default_heldout(args.task)
+        if heldout is None:
+            parser.error(f"--task {args.task} has no built-in held-out split: give --heldout")
+        if args.steps < 1 or args.eval_n < 1:
+            parser.error("--steps and --eval-n must be >= 1")
+        args.dir.mkdir(parents=True, exist_ok=True)
+        check_settings(args.dir, {"steps": args.steps, "task": args.task, "heldout": heldout,
+                                  "eval_n": args.eval_n, "overrides": overrides})  # fmt: skip
+        jobs = plan(args.dir, variants, seeds, args.steps)
+        run_study(args.dir, jobs, args.steps, args.task, heldout, args.eval_n, overrides)
+    result = report(args.dir)
+    print((args.dir / "study.md").read_text())
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
