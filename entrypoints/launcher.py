@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from hapo.config import HapoConfig, env_var_name
+from hapo.config import MIN_API_TOKEN_CHARS, HapoConfig, env_var_name, mask_url, new_api_token
 from hapo.runtime.model_store import install_default_model, is_installed
 from hapo.runtime.redis_server import ensure_redis
 
@@ -66,7 +65,7 @@ def up(config: HapoConfig, config_file: Path | None, overrides: list[str]) -> in
     """Run the stack until the trainer finishes; returns the trainer's exit code."""
     console = Console()
     if ensure_redis(config.redis.url, config.model.cache_dir.expanduser() / "redis"):
-        console.print(f"started a local Redis at {config.redis.url}")
+        console.print(f"started a local Redis at {mask_url(config.redis.url)}")
     if config.model.path is None and not is_installed(config.model.local_path):
         console.print("installing the default model (once) ...")
         install_default_model(config.model.local_path)
@@ -77,7 +76,9 @@ def up(config: HapoConfig, config_file: Path | None, overrides: list[str]) -> in
     logs.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     if config.api.token is None:  # a fresh token for this session's services only
-        env[env_var_name("api.token")] = secrets.token_urlsafe(24)
+        token = new_api_token()
+        assert len(token) >= MIN_API_TOKEN_CHARS
+        env[env_var_name("api.token")] = token
     common = [*(["--config", str(config_file)] if config_file else []), *overrides]
     rollout_url = f"http://127.0.0.1:{config.rollout.http_port}"
     commands = {

@@ -14,14 +14,34 @@ from __future__ import annotations
 
 import difflib
 import os
+import secrets
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Self
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    FieldSerializationInfo,
+    SecretStr,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 ENV_PREFIX = "HAPO_"
+
+MIN_API_TOKEN_CHARS = 16
+"""Shortest ``api.token`` accepted: an empty or short token opens the admin APIs to
+anyone who guesses it."""
+MAKE_API_TOKEN = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'
+"""The command an error tells a user to run for a token."""
+MASK = "**********"
+"""What a secret is shown as (pydantic's ``SecretStr`` mask)."""
 
 
 class ConfigError(ValueError):
@@ -271,11 +291,44 @@ class ModelConfig(_Section):
         return self.cache_dir.expanduser() / "models" / "SmolLM2-135M-Instruct"
 
 
+def mask_url(url: str) -> str:
+    """``url`` with its password masked (``redis://user:**********@host:6379/0``, and a
+    ``password=`` query parameter likewise): how a Redis URL is shown or logged."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:  # not a URL we can take apart: show none of it
+        return MASK
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    if password is None and all(key != "password" for key, _ in pairs):
+        return url
+    netloc = parts.netloc
+    if password is not None:
+        netloc = f"{parts.username or ''}:{MASK}@{netloc.rpartition('@')[2]}"
+    query = urlencode([(k, MASK if k == "password" else v) for k, v in pairs], safe="*")
+    return (
+        f"{parts.scheme}://{netloc}{parts.path}"
+        + (f"?{query}" if query else "")
+        + (f"#{parts.fragment}" if parts.fragment else "")
+    )
+
+
 class RedisConfig(_Section):
     url: str = Field("redis://127.0.0.1:6379/0", pattern=r"^(redis|rediss|unix)://")
-    """Redis server carrying all streams."""
+    """Redis server carrying all streams (a password in it is masked wherever the config
+    is shown or logged)."""
     stream_prefix: str = Field("hapo", pattern=r"^[A-Za-z0-9_.-]+$", max_length=64)
     """Streams are named ``<prefix>:prompts``, ``<prefix>:trajectories``, ..."""
+
+    @field_serializer("url")
+    def _mask_password(self, url: str, info: FieldSerializationInfo) -> str:
+        # Only where the config is shown (``HapoConfig.to_json``): a plain dump must keep
+        # the URL usable (the trainer rebuilds a run's config from one).
+        return mask_url(url) if (info.context or {}).get("mask_secrets") else url
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        for name, value in super().__repr_args__():
+            yield name, mask_url(value) if name == "url" else value
 
 
 class ApiConfig(_Section):
@@ -284,7 +337,20 @@ class ApiConfig(_Section):
     port: int = Field(8000, ge=1, le=65535)
     """Port of the trainer's control API."""
     token: SecretStr | None = None
-    """Bearer token required by the control API (never logged)."""
+    """Bearer token of the trainer's control API and the rollout's weight routes (never
+    logged); at least 16 characters. The trainer, and a rollout with ``rollout.http_port``,
+    refuse to start without one; ``hapo up`` makes its own."""
+
+    @field_validator("token")
+    @classmethod
+    def _long_enough(cls, token: SecretStr | None) -> SecretStr | None:
+        if token is not None and len(token.get_secret_value()) < MIN_API_TOKEN_CHARS:
+            state = "empty" if not token.get_secret_value() else "shorter"
+            raise ValueError(
+                f"must be at least {MIN_API_TOKEN_CHARS} characters (it is {state}); set it "
+                f"({env_var_name('api.token')}) to the output of: {MAKE_API_TOKEN}"
+            )
+        return token
 
 
 class HapoConfig(_Section):
@@ -334,8 +400,32 @@ class HapoConfig(_Section):
         return self
 
     def to_json(self) -> str:
-        """The effective config as JSON, secrets masked: what services log at start-up."""
-        return self.model_dump_json()
+        """The effective config as JSON, secrets masked (``api.token``, a password in
+        ``redis.url``): what services log at start-up, ``hapo config show`` and
+        ``GET /v1/config`` show."""
+        return self.model_dump_json(context={"mask_secrets": True})
+
+
+def new_api_token() -> str:
+    """A fresh random ``api.token`` (43 characters), as ``hapo up`` makes for its session."""
+    return secrets.token_urlsafe(32)
+
+
+def require_api_token(config: HapoConfig, needed_by: str) -> SecretStr:
+    """The configured ``api.token``; a service that needs one calls this at start-up.
+
+    Raises:
+        ConfigError: no token is set; the message names the key, what needs it and how to
+            make one. (A short one never gets this far: the config refuses it.)
+    """
+    token = config.api.token
+    if token is None:
+        raise ConfigError(
+            f"api.token ({env_var_name('api.token')}) is not set, and {needed_by} needs it; "
+            f"set it to at least {MIN_API_TOKEN_CHARS} random characters, e.g. the output "
+            f"of: {MAKE_API_TOKEN}"
+        )
+    return token
 
 
 def iter_keys(model: type[BaseModel] = HapoConfig, prefix: str = "") -> Iterator[tuple[str, bool]]:
@@ -422,6 +512,20 @@ def _override_layer(overrides: Sequence[str]) -> dict[str, Any]:
     return layer
 
 
+_SECRET_KEYS = {"api.token"}
+"""Keys whose bad values an error never repeats."""
+
+
+def _shown_input(key: str, value: Any) -> str:
+    if any(secret == key or secret.startswith(f"{key}.") for secret in _SECRET_KEYS):
+        return MASK  # the secret itself, or a section holding it
+    if key == "redis":
+        return MASK
+    if key == "redis.url" and isinstance(value, str):
+        return repr(mask_url(value))
+    return repr(value)
+
+
 def _format_errors(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
@@ -430,7 +534,7 @@ def _format_errors(error: ValidationError) -> str:
             lines.append(f"unknown key '{key}'{_suggest(key)}")
         elif key:
             message = item["msg"].removeprefix("Value error, ")
-            lines.append(f"{key}: {message} (got {item.get('input')!r})")
+            lines.append(f"{key}: {message} (got {_shown_input(key, item.get('input'))})")
         else:
             lines.append(item["msg"].removeprefix("Value error, "))
     return "invalid config:\n  " + "\n  ".join(lines)

@@ -11,6 +11,8 @@ from fastapi import FastAPI, HTTPException, Request, Response, status
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, SecretStr
 
+from hapo.config import MIN_API_TOKEN_CHARS
+
 ReadinessT = TypeVar("ReadinessT", bound="Readiness")
 
 
@@ -19,8 +21,14 @@ def bearer_auth(token: SecretStr | None) -> Callable[[Request], None]:
 
     Compared in constant time. With no token configured every request is refused: admin
     routes are never open by accident.
+
+    Raises:
+        ValueError: a token shorter than ``MIN_API_TOKEN_CHARS`` (an empty one would admit
+            ``Authorization: Bearer`` with nothing after it). The config refuses those too.
     """
     expected = token.get_secret_value().encode() if token is not None else None
+    if expected is not None and len(expected) < MIN_API_TOKEN_CHARS:
+        raise ValueError(f"api.token must be at least {MIN_API_TOKEN_CHARS} characters")
 
     def require_token(request: Request) -> None:
         if expected is None:

@@ -10,6 +10,8 @@ from urllib.parse import urlparse
 
 import redis
 
+from hapo.config import mask_url
+
 _LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
@@ -63,11 +65,13 @@ def ensure_redis(url: str, data_dir: Path, timeout_s: float = 10.0) -> bool:
         return False
     parsed = urlparse(url)
     if parsed.scheme != "redis" or parsed.hostname not in _LOCAL_HOSTS:
-        raise RedisUnavailableError(f"no Redis answers at {url}, and it is not local to start")
+        raise RedisUnavailableError(
+            f"no Redis answers at {mask_url(url)}, and it is not local to start"
+        )
     binary = shutil.which("redis-server")
     if binary is None:
         raise RedisUnavailableError(
-            f"no Redis answers at {url} and redis-server is not installed "
+            f"no Redis answers at {mask_url(url)} and redis-server is not installed "
             "(Debian: apt-get install redis-server)"
         )
     port = parsed.port or 6379

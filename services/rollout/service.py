@@ -27,7 +27,7 @@ import torch
 from vllm import SamplingParams
 from vllm.v1.engine.async_llm import AsyncLLM
 
-from hapo.config import HapoConfig
+from hapo.config import ConfigError, HapoConfig, require_api_token
 from hapo.inference.logits_processor import parse_args, to_extra_args
 from hapo.runtime.lifecycle import serve_http, setup_logging, stop_event_on_signals
 from hapo.transport.messages import (
@@ -247,6 +247,14 @@ async def _main(config: HapoConfig, consumer_name: str | None) -> None:
 
 
 def run(config: HapoConfig, consumer_name: str | None = None) -> None:
-    """Entry point of ``hapo rollout``: one replica until SIGINT/SIGTERM."""
+    """Entry point of ``hapo rollout``: one replica until SIGINT/SIGTERM.
+
+    Refuses to start (exit status 1, the reason on stderr) with HTTP on but no
+    ``api.token``: the weight routes would be closed to the trainer."""
+    if config.rollout.http_port:
+        try:
+            require_api_token(config, "hapo rollout (its weight routes; rollout.http_port=0: none)")
+        except ConfigError as exc:
+            raise SystemExit(f"error: {exc}") from None
     setup_logging("rollout", config)
     asyncio.run(_main(config, consumer_name))

@@ -21,7 +21,7 @@ from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from hapo.config import ConfigError, HapoConfig
+from hapo.config import ConfigError, HapoConfig, require_api_token
 from hapo.runtime.http import Readiness, add_probe_routes, bearer_auth, redis_answers
 from hapo.runtime.lifecycle import serve_http
 from hapo.transport.streams import connect
@@ -255,7 +255,14 @@ async def serve(config: HapoConfig, stop: asyncio.Event, *, start_run: bool) -> 
 
     Returns:
         The process exit status: 1 if the run started here failed, else 0.
+
+    Raises:
+        SystemExit: no ``api.token`` (the error names the key and how to make one).
     """
+    try:
+        require_api_token(config, "hapo trainer (its control API and the weight push)")
+    except ConfigError as exc:
+        raise SystemExit(f"error: {exc}") from None
     metrics = TrainerMetrics()
     manager = RunManager(config, metrics)
     client = connect(config.redis.url)

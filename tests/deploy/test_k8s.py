@@ -15,6 +15,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from hapo.config import MAKE_API_TOKEN, ConfigError, load_config
 from tests.deploy.conftest import KUSTOMIZATIONS, REPO, TEST_TOKEN
 
 K8S_VERSION = "1.30.0"
@@ -279,6 +280,9 @@ def test_the_token_files_are_git_ignored_and_none_is_committed() -> None:
     for example in ("k8s/base/api-token.env.example", "compose/api-token.env.example"):
         lines = (REPO / "deploy" / example).read_text().splitlines()
         assert "HAPO_API_TOKEN=" in lines  # empty: a user must fill it in
+        assert any(MAKE_API_TOKEN in line for line in lines)  # and is told how
+        with pytest.raises(ConfigError, match=r"api\.token: must be at least 16"):
+            load_config(environ={"HAPO_API_TOKEN": ""})  # left empty, the services refuse it
 
 
 def test_rayjob_ray_version_is_the_images_ray(rendered: dict[str, list[dict[str, Any]]]) -> None:

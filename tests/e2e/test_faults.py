@@ -47,7 +47,7 @@ from tests.helpers import (
 )
 
 HAPO = str(Path(sys.executable).with_name("hapo"))
-TOKEN = "faults-token"
+TOKEN = "faults-test-token"
 PREFIX = "faults"
 STEPS, BATCH = 8, 2
 RUN_TIMEOUT_S = 240

@@ -21,7 +21,7 @@ from hapo.transport.streams import StreamNames
 from tests.helpers import free_port, wait_for
 
 HAPO = str(Path(sys.executable).with_name("hapo"))
-TOKEN = "e2e-token"
+TOKEN = "e2e-test-token-16+"
 
 
 def _get(url: str, token: str | None = TOKEN) -> dict | int | None:

@@ -34,12 +34,12 @@ def test_help_does_not_import_torch() -> None:
 def test_config_show_applies_overrides_and_masks_token() -> None:
     result = run(
         "config", "show", "--format", "json", "actor_rollout_ref.rollout.n=4",
-        env={"HAPO_API_TOKEN": "hunter2-secret"},
+        env={"HAPO_API_TOKEN": "hunter2-secret-token"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     shown = json.loads(result.stdout)
     assert shown["actor_rollout_ref"]["rollout"]["n"] == 4
-    assert "hunter2-secret" not in result.stdout + result.stderr
+    assert "hunter2-secret-token" not in result.stdout + result.stderr
 
 
 def test_config_error_exit_code_and_message(tmp_path: Path) -> None:

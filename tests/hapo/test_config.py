@@ -11,13 +11,19 @@ from pydantic import BaseModel
 
 from hapo.algorithm import ROLLOUT_CORRECTION_MODES
 from hapo.config import (
+    MAKE_API_TOKEN,
     ConfigError,
     HapoConfig,
     RolloutCorrectionConfig,
     env_var_name,
     iter_keys,
     load_config,
+    mask_url,
+    new_api_token,
+    require_api_token,
 )
+
+TOKEN = "t0k-of-sixteen-chars"
 
 SEED_EXAMPLE = """
 actor_rollout_ref::
@@ -167,10 +173,10 @@ def test_precedence_file_env_override(tmp_path: Path) -> None:
 
 def test_deployment_env_vars_and_unknown_ones() -> None:
     config = load_config(
-        environ={"HAPO_REDIS_URL": "redis://redis:6379/1", "HAPO_API_TOKEN": "t0k"}
+        environ={"HAPO_REDIS_URL": "redis://redis:6379/1", "HAPO_API_TOKEN": TOKEN}
     )
     assert config.redis.url == "redis://redis:6379/1"
-    assert config.api.token is not None and config.api.token.get_secret_value() == "t0k"
+    assert config.api.token is not None and config.api.token.get_secret_value() == TOKEN
     with pytest.raises(ConfigError, match="HAPO_REDIS_URLL; did you mean 'HAPO_REDIS_URL'"):
         load_config(environ={"HAPO_REDIS_URLL": "redis://x"})
 
@@ -187,6 +193,46 @@ def test_secret_is_masked_when_logged() -> None:
     assert "very-secret-token" not in dumped
     assert json.loads(dumped)["api"]["token"] == "**********"
     assert "very-secret-token" not in repr(config)
+
+
+@pytest.mark.parametrize("token", ["", "hunter2", "q" * 15])
+def test_short_or_empty_token_is_refused_naming_the_key(token: str) -> None:
+    for source in ({"environ": {"HAPO_API_TOKEN": token}}, {"overrides": [f"api.token={token}"]}):
+        with pytest.raises(ConfigError) as error:
+            load_config(**{"environ": {}, **source})
+        message = str(error.value)
+        assert "api.token" in message and "HAPO_API_TOKEN" in message
+        assert "at least 16 characters" in message and MAKE_API_TOKEN in message
+        if token:
+            assert token not in message  # the bad secret is not repeated
+    assert load_config(environ={"HAPO_API_TOKEN": "q" * 16}).api.token is not None
+
+
+def test_services_that_need_a_token_get_a_clear_error_without_one() -> None:
+    with pytest.raises(ConfigError, match=r"api\.token \(HAPO_API_TOKEN\) is not set") as error:
+        require_api_token(load_config(environ={}), "hapo trainer")
+    assert "hapo trainer" in str(error.value) and MAKE_API_TOKEN in str(error.value)
+    token = new_api_token()  # what `hapo up` makes for its session
+    config = load_config(environ={"HAPO_API_TOKEN": token})
+    assert require_api_token(config, "x").get_secret_value() == token
+    assert new_api_token() != token
+
+
+def test_redis_password_is_masked_where_the_config_is_shown() -> None:
+    url = "redis://hapo:s3cret-pw@redis:6379/0"
+    config = load_config(overrides=[f"redis.url={url}"], environ={})
+    shown = json.loads(config.to_json())["redis"]["url"]
+    assert shown == "redis://hapo:**********@redis:6379/0"
+    assert "s3cret-pw" not in repr(config)
+    assert config.redis.url == url  # the service connects with the real one
+    assert json.loads(config.model_dump_json())["redis"]["url"] == url  # a plain dump too
+    with pytest.raises(ConfigError, match=r"redis\.url") as error:
+        load_config(overrides=["redis.url=http://hapo:s3cret-pw@redis:6379"], environ={})
+    assert "s3cret-pw" not in str(error.value)
+    assert mask_url("unix:///run/redis.sock?db=0&password=s3cret-pw") == (
+        "unix:///run/redis.sock?db=0&password=**********"
+    )
+    assert mask_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
 
 
 def test_config_is_immutable() -> None:
@@ -229,9 +275,9 @@ def test_lists_from_overrides_and_environment() -> None:
     )
     assert config.trainer.rollout_urls == ["http://a:1", "http://b:2"]
     config = load_config(
-        environ={"HAPO_TRAINER_ROLLOUT_URLS": "[http://c:3]", "HAPO_API_TOKEN": "12345"}
+        environ={"HAPO_TRAINER_ROLLOUT_URLS": "[http://c:3]", "HAPO_API_TOKEN": "1" * 16}
     )
     assert config.trainer.rollout_urls == ["http://c:3"]
-    assert config.api.token is not None and config.api.token.get_secret_value() == "12345"
+    assert config.api.token is not None and config.api.token.get_secret_value() == "1" * 16
     with pytest.raises(ConfigError, match=r"trainer\.rollout_urls: cannot parse"):
         load_config(overrides=["trainer.rollout_urls=[unclosed"], environ={})

@@ -126,7 +126,7 @@ async def test_invalid_settings_are_rejected(engine: AsyncLLM) -> None:
 async def test_weight_update_over_http_then_greedy_matches_transformers(
     engine: AsyncLLM, tiny_model_dir: Path, redis_client
 ) -> None:
-    token = "test-token"
+    token = "engine-test-token"
     state = RolloutState(engine=engine, client=redis_client, metrics=RolloutMetrics())
     port, stop = free_port(), asyncio.Event()
     server = asyncio.create_task(

@@ -44,7 +44,7 @@ class Replicas:
             f"redis.stream_prefix={self.names.prefix}",
         ]  # fmt: skip
         log = (self.log_dir / f"{name}.log").open("w")
-        env = {**os.environ, "HAPO_API_TOKEN": "test-token"}
+        env = {**os.environ, "HAPO_API_TOKEN": "rollout-test-token"}
         # Its own process group: a SIGKILL to the group takes vLLM's engine core with the
         # replica, as a container's death would (a replica killed alone orphans it).
         self.processes[name] = subprocess.Popen(

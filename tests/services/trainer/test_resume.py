@@ -5,6 +5,7 @@ the surviving history, and none is lost."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -42,8 +43,9 @@ def _trainer(tiny_model_dir: Path, names: StreamNames, run_dir: Path, log: Path)
         f"trainer.run_id={RUN_ID}", "trainer.total_steps=5", "trainer.checkpoint_every=2",
         f"api.port={free_port()}", f"trainer.weight_sync_port={free_port()}",
     ]  # fmt: skip
+    env = {**os.environ, "HAPO_API_TOKEN": "resume-test-token"}
     with log.open("a") as out:
-        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
 
 
 @pytest.mark.slow
