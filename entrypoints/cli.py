@@ -175,7 +175,12 @@ def reward(
     run(config, consumer)
 
 
-@app.command("bench", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+# No --help of its own: `hapo bench NAME --help` reaches the benchmark's parser.
+@app.command(
+    "bench",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
 def bench(ctx: typer.Context, name: Benchmark) -> None:
     """Run a benchmark; its own flags follow the name (hapo bench NAME --help).
 
@@ -228,7 +233,8 @@ def eval_(
     data: Annotated[
         str | None,
         typer.Option(
-            help="builtin:addition(2) or a JSONL/Parquet file (default: data.train_files)."
+            help="A built-in task (builtin:addition, builtin:addition2, "
+            "builtin:addition2-heldout) or a JSONL/Parquet file (default: data.train_files)."
         ),
     ] = None,
     n: Annotated[
