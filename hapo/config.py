@@ -188,6 +188,9 @@ class RewardConfig(_Section):
     """Trajectories read and scored per batch."""
     reclaim_idle_s: float = Field(30.0, gt=0.0, le=86_400.0)
     """Pending trajectories of a worker silent this long are taken over."""
+    max_deliveries: int = Field(5, ge=1, le=10_000)
+    """Deliveries of a trajectory without a commit (a worker died on it each time) after
+    which it goes to ``<prefix>:dead`` with the reason instead of coming back for ever."""
     http_port: int = Field(8002, ge=0, le=65535)
     """Port of /healthz, /readyz and /metrics (0 = no HTTP server)."""
     overlong_buffer: OverlongBufferConfig = OverlongBufferConfig()
@@ -234,6 +237,9 @@ class RolloutServiceConfig(_Section):
     """Port of health, metrics and weight-update endpoints (0 = none)."""
     reclaim_idle_s: float = Field(300.0, gt=0.0, le=86_400.0)
     """Prompt groups pending this long at a silent replica are taken over."""
+    max_deliveries: int = Field(5, ge=1, le=10_000)
+    """Deliveries of a prompt group without a commit (its replica died, or its generation
+    failed, each time) after which it goes to ``<prefix>:dead`` with the reason."""
 
 
 class TrainerConfig(_Section):
@@ -272,6 +278,11 @@ class TrainerConfig(_Section):
     """First port of the weight-sync rendezvous; replica i uses this port + i."""
     weight_sync_timeout_s: float = Field(120.0, gt=0.0, le=3600.0)
     """A replica that does not answer a weight push in this time is reported and skipped."""
+    max_deliveries: int = Field(10, ge=1, le=10_000)
+    """Deliveries of a scored sample without a commit after which it goes to
+    ``<prefix>:dead`` with the reason. The trainer commits at checkpoints and keeps what it
+    holds meanwhile (that counts nothing): each count is a trainer restarted before the
+    checkpoint covering the sample, so this is more lenient than the other services."""
     exit_after_run: bool = True
     """Exit once the run started at launch ends (``hapo up``, tests); false keeps serving
     the control API so that new runs can be started with ``POST /v1/runs``."""

@@ -60,7 +60,9 @@ class Consumer(ABC):
     """Reads one stream as a member of a consumer group, at least once per entry.
 
     An entry read stays pending at this consumer until a ``commit`` acknowledges it;
-    entries left pending by a consumer that died are delivered to another one.
+    entries left pending by a consumer that died are delivered to another one. An entry
+    delivered too many times without a commit (it kills, or fails, whoever processes it)
+    goes to the dead letters instead of being delivered again.
     """
 
     @abstractmethod
@@ -80,6 +82,12 @@ class Consumer(ABC):
     def recover(self) -> None:
         """After a failed batch: read this consumer's own pending entries before anything
         new."""
+
+    @abstractmethod
+    def release(self, entries: Sequence[Entry]) -> None:
+        """Give up ``entries`` without committing them (their processing failed): they stay
+        pending and are delivered again later, a delivery that counts towards the limit
+        after which an entry goes to the dead letters."""
 
     @abstractmethod
     async def commit(

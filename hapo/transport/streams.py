@@ -41,6 +41,16 @@ When retries run out (Redis down for minutes), ``run_until_stopped`` logs, waits
 the service's loop over; uncommitted entries are still pending and come back. An entry
 that cannot be decoded goes to the dead-letter stream with the reason. Streams are
 trimmed only below the oldest entry some consumer group still needs.
+
+6. Poison entries. An entry that kills whoever processes it would come back for ever (a
+   restart replays it, ``XAUTOCLAIM`` hands it to the next consumer). Redis counts each
+   delivery; ``StreamConsumer`` dead-letters an entry at its delivery ``max_deliveries +
+   1`` instead of returning it, with the reason ``delivered N times without being
+   committed``. What counts is a delivery to a new holder (another consumer, a restarted
+   process, or after the caller ``release`` d it): while a consumer holds an entry it was
+   given (returned by ``read``, not yet committed), replays and ``XAUTOCLAIM`` s of it
+   by the same consumer put its count back (``XCLAIM ... RETRYCOUNT``), so a trainer
+   holding entries until its next checkpoint, or a Redis outage, counts nothing.
 """
 
 from __future__ import annotations
@@ -185,6 +195,14 @@ class StreamConsumer(Consumer):
     reclaim_idle_ms: int = 30_000
     dead_stream: str | None = None
     """Where ``commit`` moves dead entries (e.g. ``StreamNames.dead``)."""
+    max_deliveries: int | None = None
+    """Deliveries an entry gets without being committed; the next one dead-letters it
+    (needs ``dead_stream``). None: no limit."""
+    on_dead_letter: Callable[[int], object] | None = None
+    """Called with the number of entries the delivery limit dead-lettered (a metric)."""
+    _held: dict[bytes, int] = field(default_factory=dict, init=False)
+    """Entries ``read`` returned and no ``commit`` or ``release`` has let go of: id ->
+    Redis's delivery count when this consumer took it."""
     _replaying_own: bool = field(default=True, init=False)
     _own_cursor: str = field(default="0", init=False)
     _claim_cursor: str = field(default="0-0", init=False)
@@ -218,19 +236,69 @@ class StreamConsumer(Consumer):
                 self._replaying_own = False
                 break
             self._own_cursor = raw[-1][0].decode()
-            own = await self._present(raw)
+            own = await self._admit(await self._present(raw))
             if own:
                 return own
-        claimed = await self._reclaim()
+        claimed = await self._admit(await self._reclaim())
         if claimed:
             return claimed
-        return await self._present(await self._read_raw(">", block_ms=self.block_ms))
+        new = await self._present(await self._read_raw(">", block_ms=self.block_ms))
+        self._held.update((entry.id, 1) for entry in new)  # a first delivery
+        return new
 
     def recover(self) -> None:
         """After a failed batch (e.g. Redis went away): re-read this consumer's own pending
         entries before anything new."""
         self._replaying_own = True
         self._own_cursor = "0"
+
+    def release(self, entries: Sequence[Entry]) -> None:
+        """Give up ``entries`` without committing them: they stay pending, and their next
+        delivery (after ``reclaim_idle_ms``) counts towards ``max_deliveries``."""
+        for entry in entries:
+            self._held.pop(entry.id, None)
+
+    async def _admit(self, entries: list[Entry]) -> list[Entry]:
+        """Entries delivered again (own replay, ``XAUTOCLAIM``), minus those past
+        ``max_deliveries``, which go to the dead-letter stream.
+
+        Entries this consumer holds get the delivery count they had when it took them back
+        (holding is not failing); the others' counts are read with ``XPENDING``."""
+        if not entries:
+            return entries
+        held = [entry for entry in entries if entry.id in self._held]
+        by_count: dict[int, list[bytes]] = {}
+        for entry in held:
+            by_count.setdefault(self._held[entry.id], []).append(entry.id)
+        new = [entry for entry in entries if entry.id not in self._held]
+        pipe = self.client.pipeline(transaction=False)
+        for count, ids in by_count.items():
+            pipe.xclaim(
+                self.stream, self.group, self.consumer, min_idle_time=0, message_ids=ids,
+                justid=True, retrycount=count,
+            )  # fmt: skip
+        for entry in new:
+            pipe.xpending_range(self.stream, self.group, entry.id, entry.id, 1)
+        replies = (await pipe.execute())[len(by_count) :]
+        limit, dead = self.max_deliveries, []
+        for entry, pending in zip(new, replies, strict=True):
+            count = pending[0]["times_delivered"] if pending else 1
+            if limit is not None and count > limit:
+                reason = f"delivered {count - 1} times without being committed"
+                dead.append((entry, f"{reason} (max_deliveries {limit})"))
+            else:
+                self._held[entry.id] = count
+        if dead:
+            await self.commit(dead=dead)
+            logger.warning(
+                "%s: %d entries of %s dead-lettered after %d deliveries",
+                self.consumer, len(dead), self.stream, limit,
+            )  # fmt: skip
+            if self.on_dead_letter is not None:
+                self.on_dead_letter(len(dead))
+            gone = {entry.id for entry, _ in dead}
+            return [entry for entry in entries if entry.id not in gone]
+        return entries
 
     async def _read_raw(self, start: str, block_ms: int | None) -> list[tuple[bytes, dict]]:
         try:
@@ -291,6 +359,8 @@ class StreamConsumer(Consumer):
         await _transaction(
             self.client, [*outputs, *letters], acks=(self.stream, self.group, list(done))
         )
+        for entry_id in done:
+            self._held.pop(entry_id, None)
 
     def _dead_letter(self, entry: Entry, reason: str) -> DeadLetter:
         return DeadLetter(

@@ -68,11 +68,13 @@ class RewardWorker:
             batch_size=config.reward.batch_size,
             reclaim_idle_ms=int(config.reward.reclaim_idle_s * 1000),
             dead_stream=self.names.dead,
+            max_deliveries=config.reward.max_deliveries,
         )
         self.tokenizer = load_tokenizer(config)
         load_score_fn(config.reward.scorer)  # fail at start-up, not with every score
         self.sandbox = ScoringSandbox(reward_function(config), config.reward.timeout_s)
         self.metrics = RewardMetrics()
+        self.consumer.on_dead_letter = self.metrics.dead_lettered.inc
         self.state = WorkerState(client=self.client, metrics=self.metrics)
         self._next_trim = 0.0
 

@@ -98,11 +98,13 @@ class RolloutService:
             batch_size=self.max_in_flight,
             reclaim_idle_ms=int(config.rollout.reclaim_idle_s * 1000),
             dead_stream=self.names.dead,
+            max_deliveries=config.rollout.max_deliveries,
         )
         self.state = RolloutState(
             engine=engine, client=self.client, metrics=RolloutMetrics(),
             update_timeout_s=config.trainer.weight_sync_timeout_s,
         )  # fmt: skip
+        self.consumer.on_dead_letter = self.state.metrics.dead_lettered.inc
         self._groups: set[asyncio.Task] = set()
         self._generating: set[bytes] = set()
         """Ids of the prompt entries being generated: a replay of this consumer's pending
@@ -147,19 +149,21 @@ class RolloutService:
             task = asyncio.create_task(self._generate_group(entry, group))
             self._groups.add(task)
             self._generating.add(entry.id)
-            task.add_done_callback(lambda done, entry_id=entry.id: self._group_done(done, entry_id))
+            task.add_done_callback(lambda done, entry=entry: self._group_done(done, entry))
         if rejected:
             await self.consumer.commit(dead=rejected)
             self.state.metrics.dead_lettered.inc(len(rejected))
         self.state.metrics.groups_in_flight.set(len(self._groups))
         await self._report_lag()
 
-    def _group_done(self, task: asyncio.Task, entry_id: bytes) -> None:
+    def _group_done(self, task: asyncio.Task, entry: Entry) -> None:
         self._groups.discard(task)
-        self._generating.discard(entry_id)
+        self._generating.discard(entry.id)
         self.state.metrics.groups_in_flight.set(len(self._groups))
         if not task.cancelled() and task.exception() is not None:
-            # The prompt stays pending and is retried after reclaim_idle_s.
+            # The prompt stays pending and is retried after reclaim_idle_s, a delivery that
+            # counts: after rollout.max_deliveries it goes to the dead letters.
+            self.consumer.release([entry])
             logger.error("prompt group failed", exc_info=task.exception())
 
     async def _generate_group(self, entry: Entry, group: PromptGroup) -> None:

@@ -101,8 +101,9 @@ class TrainerService:
         self.names = StreamNames(config.redis.stream_prefix)
         self.client = connect(config.redis.url)
         self.consumer = StreamConsumer(
-            self.client, self.names.scored, TRAINER_GROUP, f"trainer-{self.run_id}"
-        )
+            self.client, self.names.scored, TRAINER_GROUP, f"trainer-{self.run_id}",
+            dead_stream=self.names.dead, max_deliveries=config.trainer.max_deliveries,
+        )  # fmt: skip
         self.publisher = StreamPublisher(self.client)
         self.step = self.policy_version = 0
         self.last: dict[str, Any] = {}

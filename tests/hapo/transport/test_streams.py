@@ -270,3 +270,107 @@ async def test_own_replay_pages_forward_while_entries_stay_pending(
     assert await restarted.read() == []  # replay over; nothing new
     restarted.recover()
     assert [e.id for e in await restarted.read()] == ids[:2]
+
+
+async def _delivery_counts(client: aioredis.Redis, stream: str, group: str) -> list[int]:
+    return [p["times_delivered"] for p in await client.xpending_range(stream, group, "-", "+", 10)]
+
+
+async def _reclaim_after_idle(consumer: StreamConsumer) -> list[Entry]:
+    await asyncio.sleep(consumer.reclaim_idle_ms / 1000 + 0.05)
+    consumer._next_claim_at = 0.0  # no rest between passes over the pending list
+    return await consumer.read()
+
+
+async def test_an_entry_delivered_past_max_deliveries_is_dead_lettered(
+    redis_client: aioredis.Redis, stream_names: StreamNames
+) -> None:
+    """A poison entry: every consumer that takes it dies before committing. Its fourth
+    delivery (max_deliveries 3) goes to the dead letters, acknowledged, instead."""
+    stream, dead = stream_names.prompts, stream_names.dead
+    (poison,) = await _fill(redis_client, stream, 1)
+    seen = []
+    metric = []
+    for attempt in range(5):  # consumer i is a new process each time: the last one died
+        consumer = StreamConsumer(
+            redis_client, stream, "rollout", f"replica-{attempt}", block_ms=100,
+            reclaim_idle_ms=50, dead_stream=dead, max_deliveries=3,
+            on_dead_letter=metric.append,
+        )  # fmt: skip
+        await consumer.start()
+        read = await (consumer.read() if attempt == 0 else _reclaim_after_idle(consumer))
+        seen.append([entry.id for entry in read])
+    assert seen == [[poison], [poison], [poison], [], []]
+    assert metric == [1]
+    assert (await redis_client.xpending(stream, "rollout"))["pending"] == 0  # acknowledged
+    ((_, fields),) = await redis_client.xrange(dead)
+    letter = DeadLetter.from_bytes(fields[DATA_FIELD])
+    assert letter.reason == "delivered 3 times without being committed (max_deliveries 3)"
+    assert (letter.source_id, letter.consumer) == (poison.decode(), "replica-3")
+    assert letter.fields == {DATA_FIELD: b"0"}
+
+
+async def test_a_restarted_consumer_counts_its_own_replays(
+    redis_client: aioredis.Redis, stream_names: StreamNames
+) -> None:
+    stream, dead = stream_names.trajectories, stream_names.dead
+    ids = await _fill(redis_client, stream, 2)
+    reads = []
+    for _ in range(3):  # the same consumer name, restarted (killed by the entries) each time
+        consumer = StreamConsumer(
+            redis_client, stream, "reward", "worker", block_ms=100, dead_stream=dead,
+            max_deliveries=2,
+        )  # fmt: skip
+        await consumer.start()
+        reads.append([entry.id for entry in await consumer.read()])
+    assert reads == [ids, ids, []]
+    assert await redis_client.xlen(dead) == 2
+    assert (await redis_client.xpending(stream, "reward"))["pending"] == 0
+
+
+async def test_holding_an_entry_counts_no_delivery(
+    redis_client: aioredis.Redis, stream_names: StreamNames
+) -> None:
+    """An entry the consumer keeps (the trainer until a checkpoint) comes back to it by
+    XAUTOCLAIM once idle, and by replays after a Redis failure: neither is a failed
+    delivery, however often, and its count stays what it was."""
+    stream, dead = stream_names.scored, stream_names.dead
+    consumer = StreamConsumer(
+        redis_client, stream, "trainer", "trainer-run", block_ms=100, reclaim_idle_ms=50,
+        dead_stream=dead, max_deliveries=1,
+    )  # fmt: skip
+    await consumer.start()
+    ids = await _fill(redis_client, stream, 2)
+    assert [entry.id for entry in await consumer.read()] == ids
+    for _ in range(3):
+        assert [entry.id for entry in await _reclaim_after_idle(consumer)] == ids
+        consumer.recover()
+        assert [entry.id for entry in await consumer.read()] == ids
+    assert await _delivery_counts(redis_client, stream, "trainer") == [1, 1]
+    assert await redis_client.exists(dead) == 0
+    entries = await consumer.read()  # the replay is over: nothing new
+    assert entries == []
+    await consumer.commit(acks=[Entry(ids[0], {})])
+    assert await _delivery_counts(redis_client, stream, "trainer") == [1]
+
+
+async def test_a_released_entry_counts_its_next_delivery(
+    redis_client: aioredis.Redis, stream_names: StreamNames
+) -> None:
+    """A caller whose processing of an entry failed releases it: it comes back after the
+    reclaim time, and after max_deliveries it is dead-lettered."""
+    stream, dead = stream_names.prompts, stream_names.dead
+    consumer = StreamConsumer(
+        redis_client, stream, "rollout", "replica", block_ms=100, reclaim_idle_ms=50,
+        dead_stream=dead, max_deliveries=2,
+    )  # fmt: skip
+    await consumer.start()
+    (entry_id,) = await _fill(redis_client, stream, 1)
+    (entry,) = await consumer.read()
+    consumer.release([entry])
+    assert [e.id for e in await _reclaim_after_idle(consumer)] == [entry_id]  # delivery 2
+    consumer.release([entry])
+    assert await _reclaim_after_idle(consumer) == []  # delivery 3: dead
+    ((_, fields),) = await redis_client.xrange(dead)
+    assert DeadLetter.from_bytes(fields[DATA_FIELD]).reason.startswith("delivered 2 times")
+    assert (await redis_client.xpending(stream, "rollout"))["pending"] == 0
