@@ -237,6 +237,10 @@ class RolloutServiceConfig(_Section):
     """Port of health, metrics and weight-update endpoints (0 = none)."""
     reclaim_idle_s: float = Field(300.0, gt=0.0, le=86_400.0)
     """Prompt groups pending this long at a silent replica are taken over."""
+    max_n: int = Field(64, ge=1, le=1024)
+    """Most samples per prompt group this replica generates (at least
+    ``actor_rollout_ref.rollout.n``); a group asking more goes to ``<prefix>:dead``, as does
+    one asking more new tokens than ``max_model_len``."""
     max_deliveries: int = Field(5, ge=1, le=10_000)
     """Deliveries of a prompt group without a commit (its replica died, or its generation
     failed, each time) after which it goes to ``<prefix>:dead`` with the reason."""
@@ -286,6 +290,15 @@ class TrainerConfig(_Section):
     exit_after_run: bool = True
     """Exit once the run started at launch ends (``hapo up``, tests); false keeps serving
     the control API so that new runs can be started with ``POST /v1/runs``."""
+    logger: list[Literal["console", "tensorboard", "wandb", "mlflow"]] = ["console"]
+    """Where each step's metrics go besides ``metrics.jsonl``, any combination (verl's key):
+    ``console``, ``tensorboard``, ``wandb`` and ``mlflow`` (these three write under the run
+    directory and need ``pip install 'hapo-rl[trackers]'``)."""
+
+    @field_validator("logger", mode="before")
+    @classmethod
+    def _one_logger_as_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
 
 
 class ModelConfig(_Section):
@@ -394,6 +407,12 @@ class HapoConfig(_Section):
             raise ValueError(
                 f"actor_rollout_ref.actor.ppo_mini_batch_size ({mini}) must divide "
                 f"data.train_batch_size ({batch})"
+            )
+        n = self.actor_rollout_ref.rollout.n
+        if n > self.rollout.max_n:
+            raise ValueError(
+                f"rollout.max_n ({self.rollout.max_n}) must be at least "
+                f"actor_rollout_ref.rollout.n ({n}): the rollout would refuse every group"
             )
         samples = mini * self.actor_rollout_ref.rollout.n
         if samples % actor.ppo_micro_batch_size_per_gpu:

@@ -284,3 +284,12 @@ def test_lists_from_overrides_and_environment() -> None:
     assert config.api.token is not None and config.api.token.get_secret_value() == "1" * 16
     with pytest.raises(ConfigError, match=r"trainer\.rollout_urls: cannot parse"):
         load_config(overrides=["trainer.rollout_urls=[unclosed"], environ={})
+
+
+def test_trainer_logger_is_a_list_of_known_trackers() -> None:
+    assert load_config(environ={}).trainer.logger == ["console"]
+    config = load_config(overrides=["trainer.logger=['console','tensorboard']"], environ={})
+    assert config.trainer.logger == ["console", "tensorboard"]
+    assert load_config(overrides=["trainer.logger=mlflow"], environ={}).trainer.logger == ["mlflow"]
+    with pytest.raises(ConfigError, match=r"trainer\.logger\.1: Input should be 'console'"):
+        load_config(overrides=["trainer.logger=[console, neptune]"], environ={})
