@@ -28,6 +28,7 @@ from hapo.transport.streams import connect
 from services.trainer.control import RunState
 from services.trainer.metrics import TrainerMetrics
 from services.trainer.runs import Run, RunConflict, RunManager, config_with_overrides
+from services.trainer.trackers import check_available
 
 logger = logging.getLogger("hapo.trainer")
 
@@ -190,6 +191,7 @@ def create_app(config: HapoConfig, manager: RunManager, client: aioredis.Redis) 
         time). A bad key or value is a 422 naming it."""
         try:
             run_config = config_with_overrides(manager.config, body.overrides)
+            check_available(run_config.trainer.logger)
         except ConfigError as exc:
             raise RequestValidationError(
                 [{"loc": ("body", "overrides"), "msg": str(exc), "type": "config_error"}]
@@ -257,10 +259,12 @@ async def serve(config: HapoConfig, stop: asyncio.Event, *, start_run: bool) -> 
         The process exit status: 1 if the run started here failed, else 0.
 
     Raises:
-        SystemExit: no ``api.token`` (the error names the key and how to make one).
+        SystemExit: no ``api.token`` (the error names the key and how to make one), or a
+            ``trainer.logger`` whose package is missing (naming the pip extra).
     """
     try:
         require_api_token(config, "hapo trainer (its control API and the weight push)")
+        check_available(config.trainer.logger)
     except ConfigError as exc:
         raise SystemExit(f"error: {exc}") from None
     metrics = TrainerMetrics()

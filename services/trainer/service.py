@@ -69,6 +69,7 @@ from services.trainer.control import RunControl, RunState
 from services.trainer.groups import GroupAssembler
 from services.trainer.learners import Learner, make_learner
 from services.trainer.metrics import TrainerMetrics, h_hat_summary
+from services.trainer.trackers import Trackers
 from services.trainer.weights import WeightPusher
 
 logger = logging.getLogger("hapo.trainer")
@@ -89,6 +90,8 @@ class TrainerService:
         self.metrics = metrics or TrainerMetrics()
         self.run_id = run_id or config.trainer.run_id or f"run-{uuid.uuid4().hex[:8]}"
         self.run_dir = Path(config.trainer.run_dir).expanduser() / self.run_id
+        self.trackers = Trackers(config, self.run_id, self.run_dir)
+        """``trainer.logger``'s (a missing package fails here, before the model loads)."""
         path = config.model.local_path
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -232,6 +235,7 @@ class TrainerService:
         if self.control.state is RunState.PENDING:
             self.control.state = RunState.RUNNING
         try:
+            await asyncio.to_thread(self.trackers.open)
             for step in range(self.step + 1, total + 1):
                 if not await self._between_steps():
                     break
@@ -257,6 +261,7 @@ class TrainerService:
                     await self._checkpoint()
         finally:
             metrics_file.close()
+            await asyncio.to_thread(self.trackers.close)
             await asyncio.to_thread(self.learner.close)
             try:
                 await asyncio.to_thread(write_report, self.run_dir)
@@ -271,7 +276,7 @@ class TrainerService:
         sync_s: float,
         file: TextIO,
     ) -> None:
-        """The step's JSONL line, Prometheus metrics and log line."""
+        """The step's JSONL line, Prometheus metrics and trackers (the log line: console)."""
         now = time.monotonic()
         wall_s, self.last_step_end = now - self.last_step_end, now
         line = {
@@ -284,10 +289,7 @@ class TrainerService:
         file.flush()
         self.last = line
         self.metrics.record_step(line, result.h_hat)
-        logger.info(
-            "step %d: reward %.3f, entropy %.3f, %.0f tokens/s", self.step,
-            line["reward/mean"], line["entropy/mean"], line["perf/tokens_per_s"],
-        )  # fmt: skip
+        self.trackers.log(line)
 
     async def _checkpoint(self) -> None:
         """Save the state after the last completed step, then acknowledge the scored
