@@ -421,6 +421,12 @@ class HapoConfig(_Section):
                 f"({actor.ppo_micro_batch_size_per_gpu}) must divide the samples per mini-batch "
                 f"(ppo_mini_batch_size x rollout.n = {samples})"
             )
+        response, context = self.data.max_response_length, self.rollout.max_model_len
+        if response > context:
+            raise ValueError(
+                f"data.max_response_length ({response}) must not exceed rollout.max_model_len "
+                f"({context}): the rollout would refuse every group"
+            )
         buffer = self.reward.overlong_buffer
         if buffer.enable and buffer.len >= self.data.max_response_length:
             raise ValueError(

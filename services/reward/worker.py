@@ -39,6 +39,12 @@ from services.reward.app import RewardMetrics, WorkerState, create_app
 _TRIM_INTERVAL_S = 10.0
 
 
+def _failure(what: str, exc: BaseException) -> str:
+    """A dead letter's reason: what failed, and the exception (its text cut at 500)."""
+    text = str(exc)
+    return f"{what}: {type(exc).__name__}" + (f": {text[:500]}" if text else "")
+
+
 def reward_function(config: HapoConfig) -> RewardFunction:
     """The configured reward, as the scorer child process will run it."""
     reward, overlong = config.reward, config.reward.overlong_buffer
@@ -102,35 +108,58 @@ class RewardWorker:
             self._next_trim = time.monotonic() + _TRIM_INTERVAL_S
 
     async def process(self, entries: list[Entry]) -> None:
-        """Score ``entries`` and publish the results; acknowledge all of them at once."""
+        """Score ``entries`` and publish the results; acknowledge all of them at once.
+
+        Whatever goes wrong with one entry (it does not decode, its tokens do not, its
+        score cannot be published) sends that entry to the dead letters with the reason;
+        the others are scored and the worker goes on."""
         started = time.perf_counter()
-        trajectories: list[Trajectory] = []
+        decoded: list[tuple[Entry, Trajectory]] = []
         rejected: list[tuple[Entry, str]] = []
         for entry in entries:
             try:
-                trajectories.append(Trajectory.from_bytes(entry.payload))
+                decoded.append((entry, Trajectory.from_bytes(entry.payload)))
             except MalformedMessage as exc:
                 rejected.append((entry, str(exc)))
-        texts = self.tokenizer.decode_batch(
-            [trajectory.response_ids.tolist() for trajectory in trajectories],
-            skip_special_tokens=True,
-        )
-        items = [
-            ScoreItem(text, trajectory.answer, len(trajectory.response_ids))
-            for text, trajectory in zip(texts, trajectories, strict=True)
-        ]
-        scores = await asyncio.to_thread(self.sandbox.score, items)
-
-        scored = [
-            ScoredTrajectory.from_trajectory(trajectory, score.reward, score.reason)
-            for trajectory, score in zip(trajectories, scores, strict=True)
-        ]
-        await self.consumer.commit(
-            outputs=[(self.names.scored, message.to_bytes()) for message in scored],
-            acks=entries,
-            dead=rejected,
-        )
+            except Exception as exc:
+                rejected.append((entry, _failure("cannot decode the trajectory", exc)))
+        texts = self._decode([trajectory for _, trajectory in decoded])
+        ready = []
+        for (entry, trajectory), text in zip(decoded, texts, strict=True):
+            if isinstance(text, Exception):
+                rejected.append((entry, _failure("cannot decode the response's tokens", text)))
+            else:
+                item = ScoreItem(text, trajectory.answer, len(trajectory.response_ids))
+                ready.append((entry, trajectory, item))
+        # The sandbox turns a scorer's exception, hang or crash into reward 0 with the
+        # reason; what it raises itself (its child cannot be started) is no entry's fault:
+        # it propagates, and the batch stays pending.
+        scores = await asyncio.to_thread(self.sandbox.score, [item for _, _, item in ready])
+        scored, outputs = [], []
+        for (entry, trajectory, _), score in zip(ready, scores, strict=True):
+            try:  # e.g. a custom scorer's Score whose reward is not a number
+                message = ScoredTrajectory.from_trajectory(trajectory, score.reward, score.reason)
+                outputs.append((self.names.scored, message.to_bytes()))
+                scored.append(message)
+            except Exception as exc:
+                rejected.append((entry, _failure("scoring failed", exc)))
+        await self.consumer.commit(outputs=outputs, acks=entries, dead=rejected)
         self._record(scored, len(rejected), time.perf_counter() - started)
+
+    def _decode(self, trajectories: list[Trajectory]) -> list[str | Exception]:
+        """The response texts; a batch that fails is decoded one by one, so that only the
+        trajectory at fault gets its exception instead of a text."""
+        batch = [trajectory.response_ids.tolist() for trajectory in trajectories]
+        try:
+            return list(self.tokenizer.decode_batch(batch, skip_special_tokens=True))
+        except Exception:
+            texts: list[str | Exception] = []
+            for ids in batch:
+                try:
+                    texts.append(self.tokenizer.decode(ids, skip_special_tokens=True))
+                except Exception as exc:
+                    texts.append(exc)
+            return texts
 
     def _record(self, scored: list[ScoredTrajectory], rejected: int, seconds: float) -> None:
         metrics = self.metrics

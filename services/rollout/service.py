@@ -25,6 +25,7 @@ import uuid
 
 import torch
 from vllm import SamplingParams
+from vllm.exceptions import VLLMClientError
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from hapo.config import ConfigError, HapoConfig, require_api_token
@@ -76,6 +77,25 @@ def sampling_params(
     )
     parse_args(params)
     return params
+
+
+def check_bounds(group: PromptGroup, config: HapoConfig) -> None:
+    """Refuse a group that asks for more than this replica's config allows.
+
+    Raises:
+        ValueError: naming the field and the key that bounds it.
+    """
+    if group.n > config.rollout.max_n:
+        raise ValueError(
+            f"n: {group.n} samples per group, over this replica's rollout.max_n "
+            f"({config.rollout.max_n})"
+        )
+    max_tokens = group.sampling.max_tokens
+    if max_tokens > config.rollout.max_model_len:
+        raise ValueError(
+            f"sampling.max_tokens: {max_tokens}, over this replica's rollout.max_model_len "
+            f"({config.rollout.max_model_len})"
+        )
 
 
 class RolloutService:
@@ -139,6 +159,7 @@ class RolloutService:
                 continue
             try:
                 group = PromptGroup.from_bytes(entry.payload)
+                check_bounds(group, self.config)
                 for i in range(group.n):  # refused now, not when its samples start
                     sampling_params(
                         group, i, group.sampling.adaptive, seeds_allowed=self.seeds_allowed
@@ -167,8 +188,23 @@ class RolloutService:
             logger.error("prompt group failed", exc_info=task.exception())
 
     async def _generate_group(self, entry: Entry, group: PromptGroup) -> None:
+        """Generate the group's samples and publish them with the prompt's acknowledgement;
+        a prompt the engine rejects (longer than the context, token ids outside the
+        vocabulary) goes to the dead letters with the engine's reason."""
         started = time.monotonic()
-        samples = await asyncio.gather(*(self._sample(group, i) for i in range(group.n)))
+        results = await asyncio.gather(
+            *(self._sample(group, i) for i in range(group.n)), return_exceptions=True
+        )
+        rejection = next((r for r in results if isinstance(r, VLLMClientError)), None)
+        if rejection is not None:
+            await self.consumer.commit(dead=[(entry, f"rejected by the engine: {rejection}")])
+            self.state.metrics.dead_lettered.inc()
+            logger.warning("group %s rejected by the engine: %s", group.group_id, rejection)
+            return
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        samples = [result for result in results if isinstance(result, Trajectory)]
         outputs = [(self.names.trajectories, trajectory.to_bytes()) for trajectory in samples]
         await self.consumer.commit(outputs=outputs, acks=[entry])
         tokens = sum(len(trajectory.response_ids) for trajectory in samples)

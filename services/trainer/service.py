@@ -190,24 +190,43 @@ class TrainerService:
         while len(self.groups.complete()) < wanted:
             if not await self._between_steps():
                 return None
-            strangers = []
+            strangers, dead = [], []
             for entry in await self.consumer.read():
                 try:
-                    fate = self.groups.add(entry, ScoredTrajectory.from_bytes(entry.payload))
+                    sample = ScoredTrajectory.from_bytes(entry.payload)
+                    self._check_tokens(sample)
                 except MalformedMessage as exc:
-                    logger.warning("dropping a malformed scored entry: %s", exc)
-                    fate = "malformed"
+                    logger.warning("dead-lettering a malformed scored entry: %s", exc)
+                    dead.append((entry, str(exc)))
+                    continue
+                fate = self.groups.add(entry, sample)
                 if fate == "trained":  # a copy, or back after a restart, or reclaimed
                     self.unacked[entry.id] = entry
                 elif fate != "held":
                     strangers.append(entry)
-            await self.consumer.commit(acks=strangers)
+            await self.consumer.commit(acks=strangers, dead=dead)
         samples, entries, group_ids = [], [], self.groups.complete()[:wanted]
         for group_id in group_ids:
             group_samples, group_entries = self.groups.pop(group_id)
             samples += [s for s in group_samples if len(s.response_ids)]
             entries += group_entries
         return samples, entries, group_ids
+
+    def _check_tokens(self, sample: ScoredTrajectory) -> None:
+        """Refuse a sample whose token ids the model has no embedding for: it would fail
+        the learner step, and with it the run, at every restart.
+
+        Raises:
+            MalformedMessage: naming the field and the id.
+        """
+        vocab = self.model.config.vocab_size
+        for name in ("prompt_ids", "response_ids"):
+            ids = getattr(sample, name)
+            if len(ids) and (ids.min() < 0 or ids.max() >= vocab):
+                bad = int(ids.min() if ids.min() < 0 else ids.max())
+                raise MalformedMessage(
+                    f"{name}: token id {bad} is outside the model's vocabulary [0, {vocab})"
+                )
 
     async def run(self) -> None:
         """Train until ``trainer.total_steps`` or a stop request (then checkpoint)."""

@@ -6,6 +6,8 @@ import os
 import signal
 import time
 
+from hapo.scoring.rewards import Score
+
 
 def slow(response: str, answer: str) -> float:
     """20 ms a score, so that a worker can be killed mid-batch."""
@@ -41,3 +43,11 @@ def buggy(response: str, answer: str) -> float:
     if response == "bug":
         raise KeyError(response)
     return 1.0
+
+
+def bad_score(response: str, answer: str) -> Score:
+    """On 'bad score', a Score whose reward is no number (a scorer bug the sandbox cannot
+    see: it only turns exceptions, hangs and crashes into reward 0)."""
+    if response == "bad score":
+        return Score("lots", "custom")  # type: ignore[arg-type]
+    return Score(1.0, "custom")

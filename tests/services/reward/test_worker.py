@@ -187,3 +187,48 @@ def test_sigkill_mid_batch_loses_nothing(client, tokenizer, start_worker, stream
     assert all(m.reward == 1.0 for messages in copies.values() for m in messages)
     assert client.xpending(stream_names.trajectories, "reward")["pending"] == 0
     assert survivor.poll() is None
+
+
+@pytest.mark.slow
+def test_one_bad_trajectory_is_dead_lettered_and_the_worker_goes_on(
+    client, tokenizer, start_worker, stream_names
+) -> None:
+    """A trajectory whose tokens do not decode (a negative id fails the tokenizer for the
+    whole batch) and one whose score cannot be published each go to the dead letters with
+    the reason; the rest of their batch is scored, and so are later batches."""
+    worker = start_worker(
+        "w", "reward.scorer=tests.services.reward.scorers:bad_score", "reward.http_port=0"
+    )
+    good = [trajectory(tokenizer, 0, i, f"fine {i}", "1") for i in range(3)]
+    undecodable = trajectory(tokenizer, 0, 3, "x", "1").model_copy(
+        update={"response_ids": np.array([-7, 5], dtype=np.int32), "logprobs": np.zeros(2)}
+    )
+    unpublishable = trajectory(tokenizer, 0, 4, "bad score", "1")
+    pipe = client.pipeline()  # one batch
+    ids = {}
+    for message in [good[0], undecodable, good[1], unpublishable, good[2]]:
+        pipe.xadd(stream_names.trajectories, {DATA_FIELD: message.to_bytes()})
+    for message, entry_id in zip(
+        [good[0], undecodable, good[1], unpublishable, good[2]], pipe.execute(), strict=True
+    ):
+        ids[message.sample_idx] = entry_id.decode()
+    wait_for(lambda: client.xlen(stream_names.dead) >= 2, 60, "the dead letters")
+    letters = {
+        letter.source_id: letter.reason
+        for letter in (
+            DeadLetter.from_bytes(fields[DATA_FIELD])
+            for _, fields in client.xrange(stream_names.dead)
+        )
+    }
+    assert letters.keys() == {ids[3], ids[4]}
+    assert letters[ids[3]].startswith("cannot decode the response's tokens: OverflowError")
+    assert letters[ids[4]].startswith("scoring failed: ValidationError")
+    assert "reward" in letters[ids[4]]
+    wait_for(lambda: client.xlen(stream_names.scored) >= 3, 60, "the good ones")
+    assert {m.sample_idx for m in scored(client, stream_names)} == {0, 1, 2}
+
+    later = trajectory(tokenizer, 1, 0, "later", "1")  # the worker is still at work
+    client.xadd(stream_names.trajectories, {DATA_FIELD: later.to_bytes()})
+    wait_for(lambda: client.xlen(stream_names.scored) >= 4, 60, "a later batch")
+    assert worker.poll() is None
+    assert client.xpending(stream_names.trajectories, "reward")["pending"] == 0

@@ -139,6 +139,59 @@ def test_group_comes_back_as_n_trajectories(replicas: Replicas, client: redis.Re
     assert "hapo_rollout_policy_version 0.0" in metrics
 
 
+def test_groups_the_replica_cannot_generate_are_dead_lettered(
+    replicas: Replicas, client: redis.Redis
+) -> None:
+    """A prompt the engine rejects, with vLLM's reason, and a group over the replica's
+    bounds, naming the field, go to the dead letters at once, acknowledged; the replicas
+    go on generating."""
+    names = replicas.names
+
+    def group(group_id: str, prompt: list[int], n: int = 2, max_tokens: int = 4) -> bytes:
+        return PromptGroup(
+            run_id="run", group_id=group_id, prompt_ids=np.array(prompt), answer="7", n=n,
+            policy_version=0, sampling=SamplingSettings(max_tokens=max_tokens),
+        ).to_bytes()  # fmt: skip
+
+    bad = {
+        "too-long": group("too-long", [100] * 300),  # rollout.max_model_len=256
+        "unknown-token": group("unknown-token", [1, 100, 1_000_000]),
+        "too-many": group("too-many", [1, 100], n=65),  # rollout.max_n=64
+        "too-far": group("too-far", [1, 100], max_tokens=257),
+    }
+    ids = {
+        client.xadd(names.prompts, {DATA_FIELD: payload}).decode(): name
+        for name, payload in bad.items()
+    }
+    client.xadd(names.prompts, {DATA_FIELD: group("after", [1, 100, 200])})
+
+    def reasons() -> dict[str, str]:
+        letters = [
+            DeadLetter.from_bytes(fields[DATA_FIELD]) for _, fields in client.xrange(names.dead)
+        ]
+        return {
+            ids[letter.source_id]: letter.reason for letter in letters if letter.source_id in ids
+        }
+
+    wait_for(
+        lambda: len(reasons()) == 4 and len(by_group(client, names)["after"]) == 2, 120, "them"
+    )
+    found = reasons()
+    too_long = found["too-long"]  # vLLM's own words
+    assert too_long.startswith("rejected by the engine: ") and "context length is 256" in too_long
+    assert "300" in too_long
+    assert found["unknown-token"].startswith(
+        "rejected by the engine: Token id 1000000 is out of vocabulary"
+    )
+    assert found["too-many"] == "n: 65 samples per group, over this replica's rollout.max_n (64)"
+    assert found["too-far"] == (
+        "sampling.max_tokens: 257, over this replica's rollout.max_model_len (256)"
+    )
+    pending = client.xpending_range(names.prompts, "rollout", "-", "+", 100)
+    assert not {entry["message_id"].decode() for entry in pending} & set(ids)
+    assert all(replica.poll() is None for replica in replicas.processes.values())
+
+
 def test_sigkill_mid_group_loses_nothing(replicas: Replicas, client: redis.Redis) -> None:
     names = replicas.names
     groups = [f"kill-{i}" for i in range(6)]
