@@ -65,6 +65,14 @@ PLOTS = (
           ("loss/clipfrac_low_entropy", "low entropy (h_hat <= 0)"))),
     Plot("staleness", "Staleness", "policy versions behind",
          (("staleness/mean", "mean"), ("staleness/max", "max"))),
+    Plot("rollout_corr", "Behaviour correction pi_prox / mu", "weight",
+         (("rollout_corr/weight_mean", "mean"), ("rollout_corr/weight_max", "max"))),
+    Plot("mismatch", "Rollout/learner mismatch", "KL (nats) / share of tokens",
+         (("rollout_corr/kl", "KL(mu || pi_prox)"),
+          ("rollout_corr/truncated_frac", "truncated"), ("rollout_corr/masked_frac", "masked"))),
+    Plot("temperature", "Sampling temperature T_dyn", "temperature",
+         (("entropy/t_dyn_mean", "mean"), ("entropy/t_dyn_min", "min"),
+          ("entropy/t_dyn_max", "max"))),
 )  # fmt: skip
 
 
@@ -190,6 +198,17 @@ def _totals(cols: Columns) -> list[str]:
         lines.append(f"- staleness: mean {np.nanmean(cols['staleness/mean']):.2f} versions")
     if _has(cols, "staleness/max"):
         lines.append(f"- staleness: max {np.nanmax(cols['staleness/max']):.0f} versions")
+    if _has(cols, "staleness/dropped_samples"):
+        dropped = total("staleness/dropped_samples")
+        lines.append(f"- samples left out of the loss as too stale: {dropped:.0f}")
+    if _has(cols, "loss/clipfrac"):
+        clipped = cols["loss/clipfrac"]
+        lines.append(
+            f"- clipped tokens: mean {np.nanmean(clipped):.4f} a step, "
+            f"{int(np.sum(clipped > 0))} of {len(clipped)} steps above 0"
+        )
+    if _has(cols, "rollout_corr/kl"):
+        lines.append(f"- rollout/learner KL: mean {np.nanmean(cols['rollout_corr/kl']):.4f}")
     return ["## Totals", "", *lines, ""] if lines else []
 
 

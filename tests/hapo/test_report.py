@@ -30,7 +30,10 @@ def step_record(step: int) -> dict:
         "loss/clipfrac_low_entropy": math.nan if step == 3 else 0.005,
         "staleness/mean": 0.5, "staleness/max": 1, "perf/tokens_per_s": 1000.0,
         "perf/step_s": 2.0, "perf/weight_sync_s": 0.5, "perf/samples": 16.0,
-        "data/group_ids": [f"{step:08d}"],
+        "staleness/dropped_samples": float(step == 2), "rollout_corr/weight_mean": 1.0,
+        "rollout_corr/weight_max": 2.0, "rollout_corr/kl": 0.004, "rollout_corr/truncated_frac": 0.001,
+        "rollout_corr/masked_frac": 0.0, "entropy/t_dyn_mean": 1.0, "entropy/t_dyn_min": 0.95,
+        "entropy/t_dyn_max": 1.05, "data/group_ids": [f"{step:08d}"],
     }  # fmt: skip
 
 
@@ -70,6 +73,8 @@ def test_full_run_draws_every_plot_and_summarises(tmp_path: Path) -> None:
     )
     assert "- learner time: 60.0 s" in text
     assert "- tokens trained (prompt + response): 60000" in text
+    assert "- samples left out of the loss as too stale: 1" in text  # step 2's
+    assert "- clipped tokens: mean 0.0100 a step, 30 of 30 steps above 0" in text
     assert "- learner throughput: 1000 tokens/s" in text
     assert "- samples trained: 480" in text
     for plot in PLOTS:
