@@ -3,11 +3,21 @@
 Starts a local Redis if none answers, installs the default model if needed, then runs
 ``hapo rollout``, ``hapo reward`` and ``hapo trainer`` with the same config, each logging
 to ``<run dir>/<run id>/logs/<service>.log``, and shows the run's progress live. It returns
-when the trainer's run ends (or on Ctrl-C), stopping the other services cleanly.
+when the trainer's run ends, stopping the other services cleanly.
+
+No ghosts: each service runs in a process group of its own (so vLLM's engine core is in
+its rollout's group), and dies with the launcher (``PR_SET_PDEATHSIG``). SIGINT (Ctrl-C)
+or SIGTERM to the launcher is forwarded to the services as SIGTERM; the launcher waits for
+their clean stop (the trainer finishes its step and checkpoints), then kills whatever is
+left in their groups and exits with 128 + the signal's number. A second signal, or
+``_STOP_TIMEOUT_S`` without a stop, kills the groups at once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
 import json
 import os
 import signal
@@ -15,7 +25,9 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 
 from rich.console import Console
 from rich.live import Live
@@ -34,7 +46,11 @@ _COLUMNS = {
     "perf/tokens_per_s": "tokens/s",
     "perf/step_s": "step s",
 }
-_STOP_TIMEOUT_S = 30.0
+_STOP_TIMEOUT_S = 120.0
+"""How long the services get to stop cleanly (the trainer finishes its step first)."""
+_LEFTOVER_GRACE_S = 5.0
+"""How long what a stopped service left in its process group gets before SIGKILL."""
+_PR_SET_PDEATHSIG = 1
 
 
 def _progress(metrics_file: Path, run_id: str, total_steps: int) -> Table:
@@ -48,21 +64,99 @@ def _progress(metrics_file: Path, run_id: str, total_steps: int) -> Table:
     return table
 
 
-def _stop(processes: dict[str, subprocess.Popen]) -> None:
+_FORWARDED = (signal.SIGINT, signal.SIGTERM)
+
+
+class _Signals:
+    """SIGINT and SIGTERM while installed: the first asks for a stop, the second kills the
+    services' process groups there and then."""
+
+    def __init__(self, processes: dict[str, subprocess.Popen]) -> None:
+        self.processes = processes
+        self.received: list[int] = []
+
+    @property
+    def stop_requested(self) -> bool:
+        return bool(self.received)
+
+    @property
+    def forced(self) -> bool:
+        return len(self.received) > 1
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received.append(signum)
+        if self.forced:
+            _kill_groups(self.processes)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[_Signals]:
+        previous = {signum: signal.signal(signum, self._handle) for signum in _FORWARDED}
+        try:
+            yield self
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+
+def _die_with_parent(launcher: int) -> None:
+    """In the child before ``exec``: SIGTERM when the launcher dies, however it dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != launcher:  # the launcher died before prctl took effect
+        os._exit(1)
+
+
+def _kill_groups(processes: dict[str, subprocess.Popen]) -> None:
+    """SIGKILL every service's process group (the service and what it started)."""
+    for process in processes.values():
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def _alive_groups(processes: dict[str, subprocess.Popen]) -> list[int]:
+    """The services' process groups that still have a member."""
+    alive = []
+    for process in processes.values():
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            continue
+        except PermissionError:  # a member we may not signal: it is there all the same
+            pass
+        alive.append(process.pid)
+    return alive
+
+
+def _wait_groups(processes: dict[str, subprocess.Popen], seconds: float, signals: _Signals) -> None:
+    deadline = time.monotonic() + seconds
+    while _alive_groups(processes) and time.monotonic() < deadline and not signals.forced:
+        time.sleep(0.1)
+
+
+def _stop(processes: dict[str, subprocess.Popen], signals: _Signals) -> None:
+    """SIGTERM each running service and wait for all of them to exit (a second signal or
+    ``_STOP_TIMEOUT_S`` kills them); give what they leave in their process groups a moment
+    to finish (multiprocessing's resource tracker cleans up after its parent), then kill
+    it, and return once the groups are empty."""
     for process in processes.values():
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + _STOP_TIMEOUT_S
-    for process in processes.values():
-        try:
-            process.wait(timeout=max(deadline - time.monotonic(), 0.1))
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    while any(process.poll() is None for process in processes.values()):
+        if signals.forced or time.monotonic() > deadline:
+            _kill_groups(processes)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            next(p for p in processes.values() if p.poll() is None).wait(timeout=0.2)
+    _wait_groups(processes, _LEFTOVER_GRACE_S, signals)
+    _kill_groups(processes)  # e.g. an engine core its service left behind
+    deadline = time.monotonic() + _LEFTOVER_GRACE_S
+    while _alive_groups(processes) and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def up(config: HapoConfig, config_file: Path | None, overrides: list[str]) -> int:
-    """Run the stack until the trainer finishes; returns the trainer's exit code."""
+    """Run the stack until the trainer finishes; returns the trainer's exit code (1 if
+    another service failed, 128 + the signal's number if SIGINT or SIGTERM stopped it)."""
     console = Console()
     if ensure_redis(config.redis.url, config.model.cache_dir.expanduser() / "redis"):
         console.print(f"started a local Redis at {mask_url(config.redis.url)}")
@@ -87,34 +181,52 @@ def up(config: HapoConfig, config_file: Path | None, overrides: list[str]) -> in
         "trainer": ["trainer", *common, f"trainer.run_id={run_id}",
                     f"trainer.rollout_urls=[{rollout_url}]"],
     }  # fmt: skip
-    hapo = str(Path(sys.executable).with_name("hapo"))
     processes: dict[str, subprocess.Popen] = {}
-    try:
-        for name, arguments in commands.items():
-            log = (logs / f"{name}.log").open("w")
+    with _Signals(processes).installed() as signals:
+        try:
+            _start(commands, env, logs, processes, signals)
+            console.print(f"run {run_id}: logs in {logs}")
+            metrics_file = run_dir / "metrics.jsonl"
+            total = config.trainer.total_steps
+            with Live(
+                _progress(metrics_file, run_id, total), console=console, refresh_per_second=1
+            ) as live:
+                while not signals.stop_requested and processes["trainer"].poll() is None:
+                    for name in ("rollout", "reward"):
+                        if processes[name].poll() is not None:
+                            code = processes[name].returncode
+                            console.print(f"[red]{name} exited ({code}); see {logs}")
+                            return 1
+                    time.sleep(1.0)  # the loop sees a signal within a second
+                    live.update(_progress(metrics_file, run_id, total))
+            if signals.stop_requested:
+                return 128 + signals.received[0]
+            code = processes["trainer"].returncode
+            console.print(f"trainer exited with {code}; metrics in {metrics_file}")
+            return code
+        finally:
+            if signals.stop_requested:
+                console.print("stopping the services (a second Ctrl-C kills them) ...")
+            _stop(processes, signals)
+
+
+def _start(
+    commands: dict[str, list[str]],
+    env: dict[str, str],
+    logs: Path,
+    processes: dict[str, subprocess.Popen],
+    signals: _Signals,
+) -> None:
+    """Start each service in a session (and process group) of its own; all of them, unless
+    a signal asks for a stop first (then the stop returns before the loop)."""
+    hapo = str(Path(sys.executable).with_name("hapo"))
+    die_with_parent = functools.partial(_die_with_parent, os.getpid())
+    linux = sys.platform == "linux"
+    for name, arguments in commands.items():
+        if signals.stop_requested:
+            return
+        with (logs / f"{name}.log").open("w") as log:
             processes[name] = subprocess.Popen(
-                [hapo, *arguments], stdout=log, stderr=subprocess.STDOUT, env=env
-            )
-        console.print(f"run {run_id}: logs in {logs}")
-        metrics_file = run_dir / "metrics.jsonl"
-        total = config.trainer.total_steps
-        with Live(
-            _progress(metrics_file, run_id, total), console=console, refresh_per_second=1
-        ) as live:
-            while processes["trainer"].poll() is None:
-                for name in ("rollout", "reward"):
-                    if processes[name].poll() is not None:
-                        console.print(
-                            f"[red]{name} exited ({processes[name].returncode}); see {logs}"
-                        )
-                        return 1
-                time.sleep(1.0)
-                live.update(_progress(metrics_file, run_id, total))
-        code = processes["trainer"].returncode
-        console.print(f"trainer exited with {code}; metrics in {metrics_file}")
-        return code
-    except KeyboardInterrupt:
-        console.print("stopping ...")
-        return 130
-    finally:
-        _stop(processes)
+                [hapo, *arguments], stdout=log, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True, preexec_fn=die_with_parent if linux else None,
+            )  # fmt: skip
