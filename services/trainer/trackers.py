@@ -134,7 +134,10 @@ class WandbTracker:
         self.run.log(dict(metrics), step=step)
 
     def close(self) -> None:
+        import wandb
+
         self.run.finish()
+        wandb.teardown()  # waits until wandb's service has written (or sent) everything
 
 
 class MlflowTracker:

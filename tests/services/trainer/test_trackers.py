@@ -141,7 +141,8 @@ def test_wandb_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         if record.WhichOneof("record_type") == "history":
             items = {_key(item): json.loads(item.value_json) for item in record.history.item}
             history[items["_step"]] = items
-    assert sorted(history) == [1, 2, 3]
+    kinds = [record.WhichOneof("record_type") for record in records]
+    assert sorted(history) == [1, 2, 3], kinds
     assert [history[s]["reward/mean"] for s in (1, 2, 3)] == [0.25, 0.5, 0.75]
     assert history[3]["perf/tokens_per_s"] == 300.0 and "data/group_ids" not in history[3]
     (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
