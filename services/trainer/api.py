@@ -4,6 +4,11 @@ Every ``/v1`` route needs ``Authorization: Bearer <api.token>`` (401 otherwise);
 bodies over ``MAX_BODY_BYTES`` get 413. The OpenAPI schema is at ``/openapi.json``.
 Control requests (pause, resume, stop, checkpoint) are answered at once (202) and take
 effect between training steps; poll ``GET /v1/runs/{run_id}`` for the new state.
+
+``/`` is the run page (static files in ``services/trainer/static/``, no build step): the
+runs, live charts of the selected run's metrics and its control buttons. The page holds
+no data and is served without auth; it asks for the token and keeps it in its script's
+memory only, sending it with every ``/v1`` call.
 """
 
 from __future__ import annotations
@@ -12,12 +17,16 @@ import asyncio
 import json
 import logging
 import math
+import re
+from pathlib import Path
 from typing import Annotated, Any
 
 import redis.asyncio as aioredis
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, status
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse
 from fastapi.security import HTTPBearer
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -34,6 +43,19 @@ logger = logging.getLogger("hapo.trainer")
 
 MAX_BODY_BYTES = 64 * 1024
 """Largest request body accepted."""
+STATIC_DIR = Path(__file__).with_name("static")
+"""The run page's files."""
+PAGE_HEADERS = {
+    "content-security-policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+        "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+    "cache-control": "no-cache",
+}
+"""Headers of the run page and its files: only its own script, styles and API calls (no
+inline code, no other origin, no form posting anywhere), never framed."""
 
 
 class BodySizeLimit:
@@ -132,6 +154,42 @@ def run_status(run: Run) -> RunStatus:
     )  # fmt: skip
 
 
+class RunMetrics(BaseModel):
+    run_id: str
+    lines: list[dict[str, Any]]
+    """The run's ``metrics.jsonl`` lines of the steps after ``since``, oldest first (at
+    most ``limit``); numbers that are not finite are null."""
+    last_step: int
+    """Step of the last line returned (``since`` when none): the next call's ``since``."""
+
+
+_STEP_PREFIX = re.compile(r'^\{"step": (\d+),')
+"""How ``TrainerService._record`` starts a line: lines up to ``since`` are skipped unparsed."""
+
+
+def read_metrics(path: Path, since: int, limit: int) -> list[dict[str, Any]]:
+    """The lines of ``path`` with ``step > since`` (at most ``limit``); a line still being
+    written (no newline yet) is left for the next call."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    lines = []
+    for raw in text.splitlines(keepends=True):
+        if not raw.endswith("\n") or len(lines) >= limit:
+            break
+        match = _STEP_PREFIX.match(raw)
+        if match and int(match.group(1)) <= since:
+            continue
+        line = json.loads(raw)
+        if line.get("step", 0) > since:
+            lines.append({
+                key: None if isinstance(value, float) and not math.isfinite(value) else value
+                for key, value in line.items()
+            })  # fmt: skip
+    return lines
+
+
 def _manager(request: Request) -> RunManager:
     return request.app.state.runs
 
@@ -202,11 +260,30 @@ def create_app(config: HapoConfig, manager: RunManager, client: aioredis.Redis) 
             raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
         return run_status(run)
 
+    @v1.get("/runs")
+    async def list_runs(manager: Manager) -> list[RunStatus]:
+        """The runs this trainer process has started, oldest first."""
+        return [run_status(run) for run in manager.runs.values()]
+
     @v1.get("/runs/{run_id}", responses={404: _RUN_ERRORS[404]})
     async def get_run(run: KnownRun) -> RunStatus:
         """A run's state and progress; ``reward_mean``, ``entropy_mean`` and
         ``tokens_per_s`` are the last step's."""
         return run_status(run)
+
+    @v1.get("/runs/{run_id}/metrics", responses={404: _RUN_ERRORS[404]})
+    async def get_metrics(
+        run: KnownRun,
+        since: Annotated[int, Query(ge=0, description="Only the steps after this one.")] = 0,
+        limit: Annotated[int, Query(ge=1, le=10_000, description="At most this many.")] = 1000,
+    ) -> RunMetrics:
+        """A run's metrics lines (one per step, as in ``metrics.jsonl``) after step
+        ``since``: poll with the last ``last_step`` to follow the run."""
+        path = Path(run.config.trainer.run_dir).expanduser() / run.run_id / "metrics.jsonl"
+        lines = await asyncio.to_thread(read_metrics, path, since, limit)
+        return RunMetrics(
+            run_id=run.run_id, lines=lines, last_step=lines[-1]["step"] if lines else since
+        )
 
     def _live(run: Run, action: str) -> None:
         if run.state.terminal:
@@ -248,7 +325,22 @@ def create_app(config: HapoConfig, manager: RunManager, client: aioredis.Redis) 
         return json.loads(config.to_json())
 
     app.include_router(v1)
+
+    @app.get("/", include_in_schema=False)
+    async def run_page() -> Response:
+        return FileResponse(STATIC_DIR / "index.html", headers=PAGE_HEADERS)
+
+    app.mount("/static", _PageFiles(directory=STATIC_DIR), name="static")
     return app
+
+
+class _PageFiles(StaticFiles):
+    """The page's script and styles, with the page's headers."""
+
+    def file_response(self, *args: Any, **kwargs: Any) -> Response:
+        response = super().file_response(*args, **kwargs)
+        response.headers.update(PAGE_HEADERS)
+        return response
 
 
 async def serve(config: HapoConfig, stop: asyncio.Event, *, start_run: bool) -> int:
