@@ -186,6 +186,9 @@ def up(config: HapoConfig, config_file: Path | None, overrides: list[str]) -> in
         try:
             _start(commands, env, logs, processes, signals)
             console.print(f"run {run_id}: logs in {logs}")
+            host = "127.0.0.1" if config.api.host in ("0.0.0.0", "::") else config.api.host
+            token = env[env_var_name("api.token")] if config.api.token is None else "your api.token"
+            console.print(f"run page: http://{host}:{config.api.port}/  token: {token}")
             metrics_file = run_dir / "metrics.jsonl"
             total = config.trainer.total_steps
             with Live(
