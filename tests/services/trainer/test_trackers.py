@@ -153,11 +153,6 @@ def test_wandb_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_mlflow_file_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip(
-        "mlflow",
-        reason="mlflow-skinny wants cachetools<8, constraints/cpu.txt pins 8.0.2: "
-        "not in the dev environment",
-    )
     from mlflow.tracking import MlflowClient
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
