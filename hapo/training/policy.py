@@ -296,38 +296,73 @@ def policy_log_probs(
         ValueError: the model's logits are not ``lm_head(hidden)`` (a bias, soft-capping or
             scaling), which the chunked projection would silently get wrong.
     """
+    tokens = valid_response_tokens(model, batch, dtype)
+    log_prob, entropy = taken_log_probs_chunked(
+        tokens.hidden,
+        tokens.lm_head_weight,
+        tokens.ids,
+        temperature=temperature,
+        chunk_size=chunk_size,
+        with_entropy=with_entropy,
+    )
+    return tokens.to_grid(log_prob), None if entropy is None else tokens.to_grid(entropy)
+
+
+@dataclass(frozen=True)
+class ValidResponseTokens:
+    """The ``N`` valid response tokens of a batch, ready for the vocabulary projection.
+
+    Attributes:
+        hidden: ``[N, H]`` final hidden states that predict them.
+        lm_head_weight: ``[V, H]`` output projection, in the same dtype.
+        ids: ``[N]`` the tokens.
+        valid: ``[B, R']`` mask of the trimmed batch they were taken from.
+        width: ``R``, the untrimmed batch's response width.
+    """
+
+    hidden: torch.Tensor
+    lm_head_weight: torch.Tensor
+    ids: torch.Tensor
+    valid: torch.Tensor
+    width: int
+
+    def to_grid(self, values: torch.Tensor) -> torch.Tensor:
+        """``[N]`` per-token values -> ``[B, R]``, 0 at padding."""
+        grid = values.new_zeros(self.valid.shape).masked_scatter(self.valid, values)
+        return nn.functional.pad(grid, (0, self.width - self.valid.shape[1]))
+
+    def per_token(self, values: torch.Tensor) -> torch.Tensor:
+        """``[B]`` per-sample values -> ``[N]``, one per valid token."""
+        values = values.to(self.valid.device)[:, None]
+        return values.expand(self.valid.shape)[self.valid]
+
+
+def valid_response_tokens(
+    model: nn.Module, batch: TrainingBatch, dtype: torch.dtype | None = None
+) -> ValidResponseTokens:
+    """Run the decoder (under ``dtype`` autocast) and keep the valid response tokens: only
+    they go through the vocabulary projection (the costliest matmul of a small model), so
+    padding costs nothing there.
+
+    Raises:
+        ValueError: the model's logits are not ``lm_head(hidden)`` (a bias, soft-capping or
+            scaling), which the chunked projection would silently get wrong.
+    """
     head = model.get_output_embeddings()
     scaling = ("final_logit_softcapping", "logit_scale")
     extras = [name for name in scaling if getattr(model.config, name, None)]
     if getattr(head, "bias", None) is not None or extras:
         raise ValueError(f"unsupported output head: bias or {extras} (logits must be hidden @ W.T)")
-    full_width = batch.responses.shape[1]
+    width = batch.responses.shape[1]
     batch = batch.trimmed()
     device_type = batch.input_ids.device.type
     with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
         hidden = response_hidden_states(model, batch)
-    # Only valid response tokens go through the vocabulary projection (the costliest
-    # matmul of a small model): padding costs nothing there.
     valid = batch.response_mask.bool()
-    rows = hidden[valid]
-    weight = head.weight
+    rows, weight = hidden[valid], head.weight
     if dtype is not None:
         rows, weight = rows.to(dtype), weight.to(dtype)
-    log_prob, entropy = taken_log_probs_chunked(
-        rows,
-        weight,
-        batch.responses[valid],
-        temperature=temperature,
-        chunk_size=chunk_size,
-        with_entropy=with_entropy,
-    )
-
-    def to_grid(values: torch.Tensor) -> torch.Tensor:
-        """``[N]`` valid-token values -> ``[B, full_width]``, 0 at padding."""
-        grid = values.new_zeros(valid.shape).masked_scatter(valid, values)
-        return nn.functional.pad(grid, (0, full_width - valid.shape[1]))
-
-    return to_grid(log_prob), None if entropy is None else to_grid(entropy)
+    return ValidResponseTokens(rows, weight, batch.responses[valid], valid, width)
 
 
 @torch.no_grad()
@@ -347,31 +382,17 @@ def sampling_log_probs(
     With the rollout's weights this measures the sampler end to end (``hapo bench
     mismatch``); with newer ones, it is ``pi_prox`` at the sampling temperature.
     """
-    full_width = batch.responses.shape[1]
-    batch = batch.trimmed()
-    device_type = batch.input_ids.device.type
-    with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        hidden = response_hidden_states(model, batch)
-    valid = batch.response_mask.bool()
-    rows, weight = hidden[valid], model.get_output_embeddings().weight
-    if dtype is not None:
-        rows, weight = rows.to(dtype), weight.to(dtype)
-
-    def per_token(values: torch.Tensor) -> torch.Tensor:
-        """``[B]`` per-sample values -> ``[N]``, one per valid token."""
-        return values.to(rows.device)[:, None].expand(valid.shape)[valid]
-
+    tokens = valid_response_tokens(model, batch, dtype)
     log_prob = adaptive_temperature_log_probs(
-        rows,
-        batch.responses[valid],
-        weight,
-        temperature=per_token(batch.sampling_temperature),
-        temperature_tau=per_token(batch.sampling_tau),
-        norm_entropys=[per_token(column) for column in batch.sampling_norm_entropys.unbind(-1)],
+        tokens.hidden,
+        tokens.ids,
+        tokens.lm_head_weight,
+        temperature=tokens.per_token(batch.sampling_temperature),
+        temperature_tau=tokens.per_token(batch.sampling_tau),
+        norm_entropys=[tokens.per_token(c) for c in batch.sampling_norm_entropys.unbind(-1)],
         chunk_size=chunk_size,
     )
-    grid = log_prob.new_zeros(valid.shape).masked_scatter(valid, log_prob)
-    return nn.functional.pad(grid, (0, full_width - valid.shape[1]))
+    return tokens.to_grid(log_prob)
 
 
 @torch.no_grad()
