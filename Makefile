@@ -12,7 +12,7 @@ PIP := $(BIN)/pip install --quiet --disable-pip-version-check -c $(CONSTRAINTS)
 
 .PHONY: run test setup redis model chromium lint clean
 
-run: setup
+run: $(STAMP) redis model
 	$(BIN)/hapo up
 
 test: setup
