@@ -343,6 +343,10 @@ class RedisConfig(_Section):
     is shown or logged)."""
     stream_prefix: str = Field("hapo", pattern=r"^[A-Za-z0-9_.-]+$", max_length=64)
     """Streams are named ``<prefix>:prompts``, ``<prefix>:trajectories``, ..."""
+    dead_maxlen: int = Field(10_000, ge=1, le=100_000_000)
+    """About how many dead letters ``<prefix>:dead`` keeps (``XADD ... MAXLEN ~``): the
+    oldest are dropped. The other streams are trimmed below what every reader has
+    acknowledged."""
 
     @field_serializer("url")
     def _mask_password(self, url: str, info: FieldSerializationInfo) -> str:

@@ -14,6 +14,11 @@ from hapo.config import mask_url
 
 _LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
+MAXMEMORY = "2gb"
+"""Memory limit of a Redis started here. With ``noeviction`` a full Redis refuses writes
+(the services fail loudly) instead of evicting stream entries (silently losing work); the
+services trim their streams, so a run stays far below it."""
+
 
 class RedisUnavailableError(RuntimeError):
     """No Redis answers and none can be started here."""
@@ -38,16 +43,19 @@ def server_command(
     *,
     daemonize: bool = True,
     appendfsync: str = "everysec",
+    maxmemory: str = MAXMEMORY,
 ) -> list[str]:
     """The ``redis-server`` command line of a local server: AOF persistence (fsync policy
-    ``appendfsync``) and its log in ``data_dir`` (created), no RDB snapshots. Started
-    again with the same ``data_dir`` it replays the AOF. ``daemonize=False`` keeps it in
-    the foreground, as a child whose pid the caller holds (the fault tests kill it)."""
+    ``appendfsync``) and its log in ``data_dir`` (created), no RDB snapshots, at most
+    ``maxmemory`` with ``noeviction``. Started again with the same ``data_dir`` it replays
+    the AOF. ``daemonize=False`` keeps it in the foreground, as a child whose pid the
+    caller holds (the fault tests kill it)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     return [
         binary, "--port", str(port), "--bind", host, "--daemonize", "yes" if daemonize else "no",
         "--dir", str(data_dir), "--appendonly", "yes", "--appendfsync", appendfsync,
         "--save", "", "--logfile", str(data_dir / f"redis-{port}.log"),
+        "--maxmemory", maxmemory, "--maxmemory-policy", "noeviction",
     ]  # fmt: skip
 
 
@@ -55,7 +63,8 @@ def ensure_redis(url: str, data_dir: Path, timeout_s: float = 10.0) -> bool:
     """Make sure a Redis answers at ``url``; start ``redis-server`` there if it is local.
 
     The server is started daemonised, with AOF persistence in ``data_dir`` so that a
-    restart loses nothing. Returns whether a server was started.
+    restart loses nothing, and bounded memory (``MAXMEMORY``, ``noeviction``). Returns
+    whether a server was started.
 
     Raises:
         RedisUnavailableError: the URL is remote, ``redis-server`` is not installed, or the

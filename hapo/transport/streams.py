@@ -40,7 +40,9 @@ exactly-once training comes from (the whole argument, with the trainer's side, i
 When retries run out (Redis down for minutes), ``run_until_stopped`` logs, waits and starts
 the service's loop over; uncommitted entries are still pending and come back. An entry
 that cannot be decoded goes to the dead-letter stream with the reason. Streams are
-trimmed only below the oldest entry some consumer group still needs.
+trimmed only below the oldest entry some consumer group still needs (``trim_acknowledged``:
+the rollout trims ``prompts``, the reward worker ``trajectories`` and ``scored``); the
+dead-letter stream, which no group reads, keeps about its newest ``dead_maxlen`` entries.
 
 6. Poison entries. An entry that kills whoever processes it would come back for ever (a
    restart replays it, ``XAUTOCLAIM`` hands it to the next consumer). Redis counts each
@@ -200,6 +202,9 @@ class StreamConsumer(Consumer):
     (needs ``dead_stream``). None: no limit."""
     on_dead_letter: Callable[[int], object] | None = None
     """Called with the number of entries the delivery limit dead-lettered (a metric)."""
+    dead_maxlen: int | None = None
+    """About how many dead letters ``dead_stream`` keeps (``XADD ... MAXLEN ~``): the
+    oldest go first. None: all of them."""
     _held: dict[bytes, int] = field(default_factory=dict, init=False)
     """Entries ``read`` returned and no ``commit`` or ``release`` has let go of: id ->
     Redis's delivery count when this consumer took it."""
@@ -356,9 +361,13 @@ class StreamConsumer(Consumer):
                 raise ValueError(f"consumer {self.consumer} has no dead-letter stream")
             letters.append((self.dead_stream, self._dead_letter(entry, reason).to_bytes()))
         done = dict.fromkeys(entry.id for entry in [*acks, *(entry for entry, _ in dead)])
-        await _transaction(
-            self.client, [*outputs, *letters], acks=(self.stream, self.group, list(done))
+        capped = (
+            {self.dead_stream: self.dead_maxlen} if self.dead_stream and self.dead_maxlen else {}
         )
+        await _transaction(
+            self.client, [*outputs, *letters], acks=(self.stream, self.group, list(done)),
+            maxlen=capped,
+        )  # fmt: skip
         for entry_id in done:
             self._held.pop(entry_id, None)
 
@@ -391,13 +400,16 @@ async def _transaction(
     *,
     values: Mapping[str, bytes | str | int] | None = None,
     acks: tuple[str, str, Sequence[bytes]] | None = None,
+    maxlen: Mapping[str, int] | None = None,
 ) -> None:
-    """Append ``outputs`` (each payload in field ``data``), set ``values`` and acknowledge
-    ``acks`` (stream, group, entry ids) in one ``MULTI``/``EXEC``, the only Redis
-    transaction of the services. Nothing to do costs no round trip."""
+    """Append ``outputs`` (each payload in field ``data``; a stream in ``maxlen`` is
+    trimmed to about that many entries as it is appended to), set ``values`` and
+    acknowledge ``acks`` (stream, group, entry ids) in one ``MULTI``/``EXEC``, the only
+    Redis transaction of the services. Nothing to do costs no round trip."""
     pipe = client.pipeline(transaction=True)
     for stream, payload in outputs:
-        pipe.xadd(stream, {DATA_FIELD: payload})
+        cap = (maxlen or {}).get(stream)
+        pipe.xadd(stream, {DATA_FIELD: payload}, maxlen=cap, approximate=True)
     for key, value in (values or {}).items():
         pipe.set(key, value)
     if acks is not None and acks[2]:

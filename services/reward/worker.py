@@ -35,7 +35,8 @@ from hapo.transport.streams import (
 )
 from services.reward.app import RewardMetrics, WorkerState, create_app
 
-# How often the input stream is trimmed below what every group has acknowledged.
+# How often the input and output streams are trimmed below what every group has
+# acknowledged.
 _TRIM_INTERVAL_S = 10.0
 
 
@@ -75,6 +76,7 @@ class RewardWorker:
             reclaim_idle_ms=int(config.reward.reclaim_idle_s * 1000),
             dead_stream=self.names.dead,
             max_deliveries=config.reward.max_deliveries,
+            dead_maxlen=config.redis.dead_maxlen,
         )
         self.tokenizer = load_tokenizer(config)
         load_score_fn(config.reward.scorer)  # fail at start-up, not with every score
@@ -98,13 +100,16 @@ class RewardWorker:
             await self.client.aclose()
 
     async def _turn(self) -> None:
-        """One pass of the loop: score a batch, and trim the input stream now and then."""
+        """One pass of the loop: score a batch, and trim the streams now and then."""
         self.state.scorer_alive = self.sandbox.alive
         entries = await self.consumer.read()
         if entries:
             await self.process(entries)
         if time.monotonic() >= self._next_trim:
+            # Its input, and its output below what the trainer has acknowledged (the
+            # trainer acknowledges at checkpoints; Redis's memory is bounded).
             await trim_acknowledged(self.client, self.names.trajectories)
+            await trim_acknowledged(self.client, self.names.scored)
             self._next_trim = time.monotonic() + _TRIM_INTERVAL_S
 
     async def process(self, entries: list[Entry]) -> None:

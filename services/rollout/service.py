@@ -46,10 +46,14 @@ from hapo.transport.streams import (
     connect,
     ensure_group,
     run_until_stopped,
+    trim_acknowledged,
 )
 from services.rollout.app import RolloutMetrics, RolloutState, create_app
 
 logger = logging.getLogger("hapo.rollout")
+
+# How often the prompt stream is trimmed below what every group has acknowledged.
+_TRIM_INTERVAL_S = 10.0
 
 
 def sampling_params(
@@ -119,12 +123,14 @@ class RolloutService:
             reclaim_idle_ms=int(config.rollout.reclaim_idle_s * 1000),
             dead_stream=self.names.dead,
             max_deliveries=config.rollout.max_deliveries,
+            dead_maxlen=config.redis.dead_maxlen,
         )
         self.state = RolloutState(
             engine=engine, client=self.client, metrics=RolloutMetrics(),
             update_timeout_s=config.trainer.weight_sync_timeout_s,
         )  # fmt: skip
         self.consumer.on_dead_letter = self.state.metrics.dead_lettered.inc
+        self._next_trim = 0.0
         self._groups: set[asyncio.Task] = set()
         self._generating: set[bytes] = set()
         """Ids of the prompt entries being generated: a replay of this consumer's pending
@@ -176,6 +182,9 @@ class RolloutService:
             self.state.metrics.dead_lettered.inc(len(rejected))
         self.state.metrics.groups_in_flight.set(len(self._groups))
         await self._report_lag()
+        if time.monotonic() >= self._next_trim:
+            await trim_acknowledged(self.client, self.names.prompts)
+            self._next_trim = time.monotonic() + _TRIM_INTERVAL_S
 
     def _group_done(self, task: asyncio.Task, entry: Entry) -> None:
         self._groups.discard(task)

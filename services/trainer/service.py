@@ -106,6 +106,7 @@ class TrainerService:
         self.consumer = StreamConsumer(
             self.client, self.names.scored, TRAINER_GROUP, f"trainer-{self.run_id}",
             dead_stream=self.names.dead, max_deliveries=config.trainer.max_deliveries,
+            dead_maxlen=config.redis.dead_maxlen,
         )  # fmt: skip
         self.publisher = StreamPublisher(self.client)
         self.step = self.policy_version = 0

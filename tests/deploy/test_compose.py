@@ -77,6 +77,9 @@ def test_redis_appends_to_a_named_volume_and_reports_health(compose: dict[str, A
     redis = compose["services"]["redis"]
     command = redis["command"]
     assert command[command.index("--appendonly") + 1] == "yes"
+    # Bounded: past maxmemory writes fail, stream entries are never evicted.
+    assert command[command.index("--maxmemory") + 1] == "2gb"
+    assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
     (volume,) = redis["volumes"]
     name, path = volume.split(":")
     assert name in compose["volumes"] and path == command[command.index("--dir") + 1]

@@ -241,6 +241,12 @@ def test_redis_keeps_an_aof_on_a_pvc(
     redis = find(rendered[kustomization], "StatefulSet", "redis")["spec"]
     args = redis["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--appendonly") + 1] == "yes"
+    # Bounded, below the container's limit (room for an AOF rewrite's fork); past it writes
+    # fail, stream entries are never evicted.
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    maxmemory = args[args.index("--maxmemory") + 1]
+    limit = redis["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
+    assert (maxmemory, limit) == ("2gb", "4Gi")
     mount = redis["template"]["spec"]["containers"][0]["volumeMounts"][0]
     assert mount["mountPath"] == args[args.index("--dir") + 1]
     assert redis["volumeClaimTemplates"][0]["metadata"]["name"] == mount["name"]

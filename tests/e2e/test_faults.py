@@ -16,6 +16,7 @@ minute on two cores); each test runs its own trainer and run id on them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -110,6 +111,12 @@ class Stack:
         if "trainer" in self.processes and self.processes["trainer"].poll() is None:
             self.kill("trainer")
         self.run_id, self.seed = run_id, seed
+        # A group that never reads: the rollout trims the prompts below what every group
+        # has acknowledged, so this one keeps all of them for the tests to check.
+        client = redis.Redis.from_url(self.redis.url)
+        with contextlib.suppress(redis.ResponseError):  # BUSYGROUP: made by a test before
+            client.xgroup_create(f"{PREFIX}:prompts", "audit", id="0", mkstream=True)
+        client.close()
         for name in ("rollout", "reward"):
             if name not in self.processes or self.processes[name].poll() is not None:
                 self.start(name)

@@ -83,6 +83,11 @@ def test_three_training_steps_through_every_service(
                     f"trainer.weight_sync_port={free_port()}", f"api.port={api_port}"],
     }  # fmt: skip
     env = {**os.environ, "HAPO_API_TOKEN": TOKEN}
+    # A group that never reads keeps every scored sample for the checks below: the reward
+    # worker trims the stream below what every group has acknowledged.
+    audit = redis.Redis.from_url(load_config().redis.url)
+    audit.xgroup_create(stream_names.scored, "audit", id="0", mkstream=True)
+    audit.close()
     processes = {}
     try:
         for name, command in commands.items():

@@ -106,6 +106,7 @@ def test_seed_example_typo_names_the_key(tmp_path: Path) -> None:
         ("trainer.max_deliveries=0", "trainer.max_deliveries: Input should be greater than or equal to 1"),
         ("actor_rollout_ref.rollout.n=128", "rollout.max_n \\(64\\) must be at least actor_rollout_ref.rollout.n \\(128\\)"),
         ("data.max_response_length=2000", "data.max_response_length \\(2000\\) must not exceed rollout.max_model_len \\(1024\\)"),
+        ("redis.dead_maxlen=0", "redis.dead_maxlen: Input should be greater than or equal to 1"),
         ("seed.x=1", "seed: Input should be a valid integer"),
         ("no_equals_sign", "not of the form key=value"),
     ],

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 import redis
 
-from hapo.runtime.redis_server import RedisUnavailableError, ensure_redis, redis_answers
-from tests.helpers import free_port
+from hapo.runtime.redis_server import (
+    RedisUnavailableError,
+    ensure_redis,
+    redis_answers,
+    server_command,
+)
+from tests.helpers import free_port, wait_for
 
 
 def test_starts_redis_with_aof_when_none_answers(tmp_path: Path) -> None:
@@ -18,6 +25,8 @@ def test_starts_redis_with_aof_when_none_answers(tmp_path: Path) -> None:
         assert ensure_redis(url, tmp_path) is True
         client = redis.Redis.from_url(url)
         assert client.config_get("appendonly")["appendonly"] == "yes"
+        assert client.config_get("maxmemory")["maxmemory"] == str(2 * 1024**3)
+        assert client.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
         client.xadd("hapo:test", {"k": "v"})
         assert ensure_redis(url, tmp_path) is False  # already answering: nothing started
     finally:
@@ -27,3 +36,29 @@ def test_starts_redis_with_aof_when_none_answers(tmp_path: Path) -> None:
 def test_remote_url_is_not_started(tmp_path: Path) -> None:
     with pytest.raises(RedisUnavailableError, match="not local"):
         ensure_redis("redis://redis.invalid:6379/0", tmp_path, timeout_s=1)
+
+
+def test_a_full_redis_refuses_writes_and_evicts_nothing(tmp_path: Path) -> None:
+    """noeviction: past maxmemory a write is an error the services see; every stream
+    entry written before is still there."""
+    port = free_port()
+    binary = shutil.which("redis-server")
+    assert binary is not None
+    command = server_command(binary, "127.0.0.1", port, tmp_path, daemonize=False, maxmemory="8mb")
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        wait_for(lambda: redis_answers(url), 20, "redis-server")
+        client = redis.Redis.from_url(url)
+        written = 0
+        with pytest.raises(
+            redis.ResponseError, match="command not allowed when used memory > 'maxmemory'"
+        ):
+            for _ in range(10_000):  # 64 KiB each: 640 MB, far past 8 MB
+                client.xadd("hapo:prompts", {"data": b"x" * 65536})
+                written += 1
+        assert 0 < written < 10_000
+        assert client.xlen("hapo:prompts") == written
+    finally:
+        server.kill()
+        server.wait()

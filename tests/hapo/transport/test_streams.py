@@ -374,3 +374,23 @@ async def test_a_released_entry_counts_its_next_delivery(
     ((_, fields),) = await redis_client.xrange(dead)
     assert DeadLetter.from_bytes(fields[DATA_FIELD]).reason.startswith("delivered 2 times")
     assert (await redis_client.xpending(stream, "rollout"))["pending"] == 0
+
+
+async def test_the_dead_letter_stream_keeps_about_dead_maxlen(
+    redis_client: aioredis.Redis, stream_names: StreamNames
+) -> None:
+    """No group reads the dead letters: they are capped as they are written (MAXLEN ~,
+    whole stream nodes of 100 entries at a time), the newest kept."""
+    stream, dead = stream_names.trajectories, stream_names.dead
+    consumer = StreamConsumer(
+        redis_client, stream, "reward", "w", batch_size=50, block_ms=100, dead_stream=dead,
+        dead_maxlen=100,
+    )  # fmt: skip
+    await consumer.start()
+    ids = await _fill(redis_client, stream, 500)
+    for _ in range(10):
+        await consumer.commit(dead=[(entry, "bad") for entry in await consumer.read()])
+    assert (await redis_client.xpending(stream, "reward"))["pending"] == 0
+    assert 100 <= await redis_client.xlen(dead) < 300  # not 500
+    ((_, fields),) = await redis_client.xrevrange(dead, count=1)
+    assert DeadLetter.from_bytes(fields[DATA_FIELD]).source_id == ids[-1].decode()

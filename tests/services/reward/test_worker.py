@@ -232,3 +232,25 @@ def test_one_bad_trajectory_is_dead_lettered_and_the_worker_goes_on(
     wait_for(lambda: client.xlen(stream_names.scored) >= 4, 60, "a later batch")
     assert worker.poll() is None
     assert client.xpending(stream_names.trajectories, "reward")["pending"] == 0
+
+
+@pytest.mark.slow
+def test_streams_are_trimmed_below_what_every_reader_acknowledged(
+    client, tokenizer, start_worker, stream_names
+) -> None:
+    """The worker trims its input, and its output once the trainer's group has
+    acknowledged it: a run of days keeps Redis's memory bounded."""
+    start_worker("w", "reward.http_port=0")
+    for i in range(4):
+        message = trajectory(tokenizer, 0, i, f"so {i}", str(i))
+        client.xadd(stream_names.trajectories, {DATA_FIELD: message.to_bytes()})
+    wait_for(lambda: client.xlen(stream_names.scored) == 4, 60, "the scores")
+    wait_for(lambda: client.xlen(stream_names.trajectories) == 0, 60, "the input trimmed")
+    # Unread by the trainer's group: kept. Read but not acknowledged: kept.
+    assert client.xlen(stream_names.scored) == 4
+    ((_, entries),) = client.xreadgroup("trainer", "t", {stream_names.scored: ">"}, count=3)
+    assert client.xlen(stream_names.scored) == 4
+    client.xack(stream_names.scored, "trainer", *[entry_id for entry_id, _ in entries])
+    wait_for(lambda: client.xlen(stream_names.scored) == 1, 60, "the acknowledged scores trimmed")
+    ((last, _),) = client.xrange(stream_names.scored)
+    assert last not in {entry_id for entry_id, _ in entries}

@@ -220,3 +220,5 @@ def test_sigkill_mid_group_loses_nothing(replicas: Replicas, client: redis.Redis
     for group_id in groups:  # each group published whole, exactly once
         assert sorted(t.sample_idx for t in done[group_id]) == [0, 1, 2]
     assert client.xpending(names.prompts, "rollout")["pending"] == 0
+    # Every prompt is acknowledged: the replicas trim them away (bounded memory).
+    wait_for(lambda: client.xlen(names.prompts) == 0, 60, "the prompts trimmed")
