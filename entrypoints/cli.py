@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 import yaml
 
-from hapo.config import ConfigError, HapoConfig, load_config
+from hapo.config import ConfigError, HapoConfig, load_config, mask_url
 
 app = typer.Typer(
     name="hapo",
@@ -117,7 +117,7 @@ def redis_ensure(overrides: Overrides = None, config_file: ConfigFile = None) ->
     except RedisUnavailableError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=1) from None
-    typer.echo(f"{'started' if started else 'found'} Redis at {config.redis.url}")
+    typer.echo(f"{'started' if started else 'found'} Redis at {mask_url(config.redis.url)}")
 
 
 @app.command("rollout")

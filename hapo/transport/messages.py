@@ -237,8 +237,9 @@ class Trajectory(_Message):
 class ScoredTrajectory(Trajectory):
     """A trajectory with its reward (``hapo:scored``)."""
 
-    reward: float
-    """Scalar outcome reward."""
+    reward: float = Field(allow_inf_nan=False)
+    """Scalar outcome reward: finite (a NaN or infinite reward from a custom scorer is
+    refused here, and the reward worker dead-letters that sample with the reason)."""
     reward_reason: str = Field(max_length=256)
     """Why: ``correct``, ``wrong``, ``no_answer``, ``timeout``, ... (for metrics and debugging)."""
     scored_at: float = Field(default_factory=time.time)

@@ -54,7 +54,10 @@ class RolloutMetrics:
             buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60), registry=registry,
         )  # fmt: skip
         self.dead_lettered = Counter(
-            "hapo_rollout_dead_lettered", "Malformed prompt groups", registry=registry
+            "hapo_rollout_dead_lettered",
+            "Prompt groups dead-lettered for any reason: malformed, over the service's bounds,"
+            " rejected by the engine, or past the delivery limit",
+            registry=registry,
         )
 
 

@@ -118,3 +118,11 @@ def test_bench_trainer_small() -> None:
     assert figures["bench"] == "trainer"
     assert figures["hapo_loss_overhead"] > -1 and figures["tokens_per_s"] > 0
     assert figures["peak_mem_mb"] > 0
+
+
+def test_redis_ensure_masks_the_password() -> None:
+    # Redis's default user takes any password when none is configured (nopass).
+    result = run("redis", "ensure", "redis.url=redis://default:s3cret@127.0.0.1:6379/0")
+    assert result.returncode == 0, result.stderr
+    assert "s3cret" not in result.stdout + result.stderr
+    assert result.stdout.strip() == "found Redis at redis://default:**********@127.0.0.1:6379/0"

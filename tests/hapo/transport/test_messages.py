@@ -104,3 +104,13 @@ def test_arbitrary_tokens_and_answers_round_trip(tokens: list[int], answer: str)
     decoded = Trajectory.from_bytes(trajectory.to_bytes())
     assert decoded.response_ids.tolist() == tokens
     assert decoded.answer == answer
+
+
+@pytest.mark.parametrize("reward", [float("nan"), float("inf"), float("-inf")])
+def test_scored_reward_must_be_finite(reward: float) -> None:
+    trajectory = make_trajectory()
+    with pytest.raises(ValueError, match="reward"):
+        ScoredTrajectory.from_trajectory(trajectory, reward, "custom")
+    fields = msgpack.unpackb(ScoredTrajectory.from_trajectory(trajectory, 1.0, "x").to_bytes())
+    with pytest.raises(MalformedMessage, match="reward"):
+        ScoredTrajectory.from_bytes(msgpack.packb({**fields, "reward": reward}))

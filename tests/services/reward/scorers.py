@@ -46,8 +46,11 @@ def buggy(response: str, answer: str) -> float:
 
 
 def bad_score(response: str, answer: str) -> Score:
-    """On 'bad score', a Score whose reward is no number (a scorer bug the sandbox cannot
-    see: it only turns exceptions, hangs and crashes into reward 0)."""
+    """On 'bad score', a Score whose reward is no number, on 'nan score' one whose reward is
+    NaN (scorer bugs the sandbox cannot see: it only turns exceptions, hangs and crashes
+    into reward 0)."""
     if response == "bad score":
         return Score("lots", "custom")  # type: ignore[arg-type]
+    if response == "nan score":
+        return Score(float("nan"), "custom")
     return Score(1.0, "custom")

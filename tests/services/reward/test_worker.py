@@ -194,8 +194,8 @@ def test_one_bad_trajectory_is_dead_lettered_and_the_worker_goes_on(
     client, tokenizer, start_worker, stream_names
 ) -> None:
     """A trajectory whose tokens do not decode (a negative id fails the tokenizer for the
-    whole batch) and one whose score cannot be published each go to the dead letters with
-    the reason; the rest of their batch is scored, and so are later batches."""
+    whole batch) and ones whose score cannot be published (not a number, NaN) each go to the
+    dead letters with the reason; the rest of their batch is scored, and so are later batches."""
     worker = start_worker(
         "w", "reward.scorer=tests.services.reward.scorers:bad_score", "reward.http_port=0"
     )
@@ -204,15 +204,15 @@ def test_one_bad_trajectory_is_dead_lettered_and_the_worker_goes_on(
         update={"response_ids": np.array([-7, 5], dtype=np.int32), "logprobs": np.zeros(2)}
     )
     unpublishable = trajectory(tokenizer, 0, 4, "bad score", "1")
+    not_finite = trajectory(tokenizer, 0, 5, "nan score", "1")
+    batch = [good[0], undecodable, good[1], unpublishable, not_finite, good[2]]
     pipe = client.pipeline()  # one batch
     ids = {}
-    for message in [good[0], undecodable, good[1], unpublishable, good[2]]:
+    for message in batch:
         pipe.xadd(stream_names.trajectories, {DATA_FIELD: message.to_bytes()})
-    for message, entry_id in zip(
-        [good[0], undecodable, good[1], unpublishable, good[2]], pipe.execute(), strict=True
-    ):
+    for message, entry_id in zip(batch, pipe.execute(), strict=True):
         ids[message.sample_idx] = entry_id.decode()
-    wait_for(lambda: client.xlen(stream_names.dead) >= 2, 60, "the dead letters")
+    wait_for(lambda: client.xlen(stream_names.dead) >= 3, 60, "the dead letters")
     letters = {
         letter.source_id: letter.reason
         for letter in (
@@ -220,10 +220,12 @@ def test_one_bad_trajectory_is_dead_lettered_and_the_worker_goes_on(
             for _, fields in client.xrange(stream_names.dead)
         )
     }
-    assert letters.keys() == {ids[3], ids[4]}
+    assert letters.keys() == {ids[3], ids[4], ids[5]}
     assert letters[ids[3]].startswith("cannot decode the response's tokens: OverflowError")
     assert letters[ids[4]].startswith("scoring failed: ValidationError")
     assert "reward" in letters[ids[4]]
+    assert letters[ids[5]].startswith("scoring failed: ValidationError")
+    assert "reward" in letters[ids[5]] and "finite" in letters[ids[5]]
     wait_for(lambda: client.xlen(stream_names.scored) >= 3, 60, "the good ones")
     assert {m.sample_idx for m in scored(client, stream_names)} == {0, 1, 2}
 
