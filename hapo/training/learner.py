@@ -212,7 +212,7 @@ def accumulate_gradients(
     actor, algorithm = config.actor_rollout_ref.actor, config.algorithm
     current_entropy = actor.adaptive_clip or actor.adaptive_advantage
     if global_num_tokens is None:
-        global_num_tokens = targets.loss_mask.sum()
+        global_num_tokens = targets.loss_mask.sum().clamp_min(1)
     micro = actor.ppo_micro_batch_size_per_gpu
     total_loss = torch.zeros(())
     for start in range(0, mini_batch.size, micro):
@@ -382,7 +382,9 @@ def learner_step(
                 targets.select(rows),
                 config,
                 means,
-                global_num_tokens=targets.loss_mask[first : first + size].sum(),
+                # At least 1: a mini-batch whose every sample is too stale has loss 0, not
+                # 0 / 0.
+                global_num_tokens=targets.loss_mask[first : first + size].sum().clamp_min(1),
             )
             collectives.sum_gradients(model)
             # Recorded on every rank; the weights sum to world_size like the values.

@@ -565,3 +565,15 @@ def test_plain_samples_report_their_base_temperature(
     _, result = _sgd_update(model, batch, _config())
     assert result.metrics["entropy/t_dyn_min"] == result.metrics["entropy/t_dyn_max"] == 1.0
     assert result.metrics["entropy/adaptive_samples_frac"] == 0.0
+
+
+def test_a_batch_of_only_too_stale_samples_changes_nothing(model: LlamaForCausalLM) -> None:
+    trajectories = [t.model_copy(update={"policy_version": 0}) for t in _trajectories()]
+    batch = build_batch(trajectories, PAD, policy_version=5)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    config = _config(*PLAIN_PPO, "algorithm.rollout_correction.mode=off", "trainer.max_staleness=1")
+    _, result = _sgd_update(model, batch, config)
+    assert result.metrics["staleness/dropped_samples"] == batch.size
+    assert result.metrics["loss/skipped_updates"] == 0.0  # a zero loss, not NaN
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), before[name], rtol=0, atol=0, msg=name)
