@@ -274,6 +274,13 @@ class TrainerConfig(_Section):
     ``<prefix>:dead`` with the reason. The trainer commits at checkpoints and keeps what it
     holds meanwhile (that counts nothing): each count is a trainer restarted before the
     checkpoint covering the sample, so this is more lenient than the other services."""
+    group_timeout_s: float = Field(3600.0, gt=0.0, le=604_800.0)
+    """A prompt group of the run still incomplete this long after it was issued (its prompt
+    or one of its samples was dead-lettered on the way, so it can never complete) is
+    abandoned: never trained, its samples that did arrive acknowledged with the next
+    checkpoint, and a replacement group issued. It is checked only when the trainer has read
+    everything there is, and a pause restarts the clock; the default is over twice the
+    slowest healthy path (``rollout.reclaim_idle_s`` x ``rollout.max_deliveries``: 1500 s)."""
     exit_after_run: bool = True
     """Exit once the run started at launch ends (``hapo up``, tests); false keeps serving
     the control API so that new runs can be started with ``POST /v1/runs``."""

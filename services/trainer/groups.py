@@ -3,6 +3,7 @@ has trained."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -62,13 +63,53 @@ class GroupAssembler:
     held and is dropped (its stream entry is still acknowledged with the group); a sample of
     a group already trained (``trained``) is refused. A group is complete once all ``n``
     samples are in; popping it marks it trained.
+
+    Groups the run issued are watched (``watch``) from issue until they are trained: one
+    still incomplete after the run's group timeout (``overdue``: its prompt or one of its
+    samples was dead-lettered somewhere) is abandoned (``abandon``): it counts as trained
+    from then on, so that its samples are refused if they arrive later, and is never
+    trained.
     """
 
     run_id: str
     trained: TrainedGroups = field(default_factory=TrainedGroups)
+    """Groups trained or abandoned: their samples are refused."""
+    abandoned: int = 0
+    """Groups the run abandoned (all of them, checkpointed ones included)."""
     duplicates: int = 0
     foreign: int = 0
     _groups: dict[str, _Group] = field(default_factory=dict)
+    _watched: dict[str, float] = field(default_factory=dict)
+    """Group ids issued and not yet trained, with the time their clock started."""
+
+    def watch(self, group_ids: Iterable[str], now: float) -> None:
+        """Start the clock of the issued groups ``group_ids`` (those not yet trained)."""
+        for group_id in group_ids:
+            if group_id not in self.trained:
+                self._watched.setdefault(group_id, now)
+
+    def restart_clocks(self, now: float) -> None:
+        """Start every watched group's clock again (the run was paused meanwhile)."""
+        self._watched = dict.fromkeys(self._watched, now)
+
+    def overdue(self, now: float, timeout_s: float) -> list[str]:
+        """Watched groups still incomplete ``timeout_s`` after their clock started."""
+        complete = set(self.complete())
+        return [
+            group_id
+            for group_id, since in self._watched.items()
+            if now - since > timeout_s and group_id not in complete
+        ]
+
+    def abandon(self, group_id: str) -> tuple[int, list[Entry]]:
+        """Give up on an incomplete group: how many samples of it were in, and the stream
+        entries that carried them (acknowledged like a trained group's); it counts as
+        trained from now on."""
+        self._watched.pop(group_id, None)
+        group = self._groups.pop(group_id, _Group())
+        self.trained.add(group_id)
+        self.abandoned += 1
+        return len(group.samples), group.entries
 
     def add(self, entry: Entry, sample: ScoredTrajectory) -> Literal["held", "foreign", "trained"]:
         """Hold ``sample``, or say why not: it belongs to another run, or to a group already
@@ -99,5 +140,6 @@ class GroupAssembler:
         """A complete group's samples (by index) and every stream entry that carried them;
         the group counts as trained from now on."""
         group = self._groups.pop(group_id)
+        self._watched.pop(group_id, None)
         self.trained.add(group_id)
         return [group.samples[i] for i in sorted(group.samples)], group.entries

@@ -99,6 +99,10 @@ class TrainerMetrics:
             "staleness", "Policy versions between sampling and training, last step", ("stat",)
         )
         self.duplicates = gauge("duplicates", "Redelivered samples dropped in the current run")
+        self.abandoned_groups = gauge(
+            "abandoned_groups",
+            "Prompt groups of the current run abandoned, incomplete past trainer.group_timeout_s",
+        )
         self.h_hat = TensorHistogram(
             "hapo_trainer_h_hat", "Normalised token entropy h_hat of trained tokens", H_HAT_BUCKETS
         )
@@ -132,5 +136,6 @@ class TrainerMetrics:
         set_(self.clip_bound.labels("low"), "loss/clip_low_mean")
         set_(self.clip_bound.labels("high"), "loss/clip_high_mean")
         set_(self.duplicates, "data/duplicates")
+        set_(self.abandoned_groups, "data/abandoned_groups")
         if h_hat is not None:
             self.h_hat.observe(h_hat)

@@ -56,13 +56,16 @@ class Progress:
     """Prompt groups issued when the checkpoint was taken (the data cursor)."""
     norm_entropys: tuple[float, float, float, float] | None = None
     trained: TrainedGroups = field(default_factory=TrainedGroups)
-    """Groups trained up to the checkpoint: a sample of one of them that comes back (its
-    entry not yet acknowledged when the process died) is dropped."""
+    """Groups trained (or abandoned) up to the checkpoint: a sample of one of them that
+    comes back (its entry not yet acknowledged when the process died) is dropped."""
+    abandoned: int = 0
+    """Groups abandoned up to the checkpoint (each got a replacement group issued)."""
 
     def to_json(self) -> dict[str, Any]:
         return {
             "policy_version": self.policy_version, "groups_queued": self.groups_queued,
             "norm_entropys": self.norm_entropys, "trained_groups": self.trained.to_json(),
+            "abandoned_groups": self.abandoned,
         }  # fmt: skip
 
     @classmethod
@@ -74,6 +77,7 @@ class Progress:
             groups_queued=record["groups_queued"],
             norm_entropys=None if entropys is None else tuple(entropys),
             trained=TrainedGroups() if trained is None else TrainedGroups.from_json(trained),
+            abandoned=record.get("abandoned_groups", 0),
         )
 
 

@@ -9,8 +9,10 @@ and the staleness bound included, docs/design.md decision 5); push the new weigh
 the step's ``norm_entropys`` to every rollout replica, which samples those weights with
 those statistics (decision 6); append one JSON line to ``run_dir/<run id>/metrics.jsonl``
 (with the ids of the groups trained) and update the Prometheus metrics; checkpoint every
-``trainer.checkpoint_every`` steps. When the run ends, plots and ``summary.md`` go next to
-the metrics (``hapo.report``).
+``trainer.checkpoint_every`` steps. A group that cannot complete (its prompt or a sample
+dead-lettered on the way) is abandoned after ``trainer.group_timeout_s`` and a replacement
+issued (docs/design.md section 4, "Abandoned groups"). When the run ends, plots and
+``summary.md`` go next to the metrics (``hapo.report``).
 
 Resume is exact (details in ``services.trainer.resume``): a step's scored entries are
 acknowledged only once a checkpoint covering it is renamed into place. Started again under
@@ -121,7 +123,9 @@ class TrainerService:
         self.policy_version = progress.policy_version
         self.norm_entropys = progress.norm_entropys
         self.groups_queued = progress.groups_queued
-        self.groups = GroupAssembler(self.run_id, trained=progress.trained)
+        self.groups = GroupAssembler(
+            self.run_id, trained=progress.trained, abandoned=progress.abandoned
+        )
         self.weights = WeightPusher(config, self.model)
         self.learner: Learner | None = None
         """Started by ``run`` (Ray workers take a while), closed when it returns."""
@@ -147,18 +151,25 @@ class TrainerService:
         )  # fmt: skip
 
     async def _queue_prompts(self, step: int) -> None:
-        """Queue groups so that steps up to ``step + max_staleness`` have theirs."""
+        """Queue groups so that steps up to ``step + max_staleness`` have theirs, plus one
+        replacement for each group abandoned."""
         per_step = self.config.data.train_batch_size
         wanted = (step + 1 + self.config.trainer.max_staleness) * per_step
+        wanted += self.groups.abandoned
         if self.groups_queued >= wanted:
             return
-        groups = []
+        first, groups = self.groups_queued + 1, []
         while self.groups_queued < wanted:
             groups.append((self.names.prompts, self._prompt_group().to_bytes()))
         issued = {resume.issued_key(self.names.prefix, self.run_id): self.groups_queued}
         await self.publisher.publish(
             groups, values=issued
         )  # the groups and their count, or nothing
+        self.groups.watch(self._group_ids(first, self.groups_queued), time.monotonic())
+
+    @staticmethod
+    def _group_ids(first: int, last: int) -> list[str]:
+        return [f"{k:08d}" for k in range(first, last + 1)]
 
     async def _fast_forward(self) -> None:
         """Skip the problems of the groups this run already issued (per Redis or the
@@ -180,6 +191,7 @@ class TrainerService:
             if not control.pause_requested:
                 if control.state is RunState.PAUSED:
                     control.state = RunState.RUNNING
+                    self.groups.restart_clocks(time.monotonic())  # a pause is no stall
                 return True
             control.state = RunState.PAUSED
             await control.idle(0.2)
@@ -192,7 +204,10 @@ class TrainerService:
             if not await self._between_steps():
                 return None
             strangers, dead = [], []
-            for entry in await self.consumer.read():
+            entries = await self.consumer.read()
+            if not entries:  # everything there is has been read
+                await self._abandon_overdue()
+            for entry in entries:
                 try:
                     sample = ScoredTrajectory.from_bytes(entry.payload)
                     self._check_tokens(sample)
@@ -212,6 +227,24 @@ class TrainerService:
             samples += [s for s in group_samples if len(s.response_ids)]
             entries += group_entries
         return samples, entries, group_ids
+
+    async def _abandon_overdue(self) -> None:
+        """Abandon the groups incomplete past ``trainer.group_timeout_s`` (a prompt or a
+        sample of theirs was dead-lettered: they cannot complete) and issue a replacement
+        for each, so that the run goes on. Their samples that arrived are acknowledged with
+        the next checkpoint, like a trained group's; any arriving later are refused."""
+        timeout = self.config.trainer.group_timeout_s
+        overdue = self.groups.overdue(time.monotonic(), timeout)
+        for group_id in overdue:
+            held, entries = self.groups.abandon(group_id)
+            self.unacked.update((entry.id, entry) for entry in entries)
+            logger.warning(
+                "run %s: group %s abandoned after %g s: %d of %d samples",
+                self.run_id, group_id, timeout, held,
+                self.config.actor_rollout_ref.rollout.n,
+            )  # fmt: skip
+        if overdue:
+            await self._queue_prompts(self.step)
 
     def _check_tokens(self, sample: ScoredTrajectory) -> None:
         """Refuse a sample whose token ids the model has no embedding for: it would fail
@@ -237,6 +270,9 @@ class TrainerService:
         pad = self.tokenizer.pad_token_id
         pad = self.tokenizer.eos_token_id if pad is None else pad
         await self._fast_forward()
+        # Issued groups not trained: their clocks start now (those in flight before a
+        # restart included).
+        self.groups.watch(self._group_ids(1, self.groups_queued), time.monotonic())
         metrics_path = self.run_dir / "metrics.jsonl"
         if dropped := resume.truncate_metrics(metrics_path, self.step):
             logger.info("run %s: %d metrics lines after step %d dropped", self.run_id, dropped,
@@ -303,7 +339,8 @@ class TrainerService:
             "step": self.step, "time": time.time(), "policy_version": self.policy_version,
             **result.metrics, "perf/wall_step_s": wall_s,
             **h_hat_summary(result.h_hat), "perf/weight_sync_s": sync_s,
-            "data/duplicates": self.groups.duplicates, "data/group_ids": group_ids,
+            "data/duplicates": self.groups.duplicates,
+            "data/abandoned_groups": self.groups.abandoned, "data/group_ids": group_ids,
         }  # fmt: skip
         file.write(json.dumps(line) + "\n")
         file.flush()
@@ -319,8 +356,9 @@ class TrainerService:
         if self.learner is not None:
             await asyncio.to_thread(self.learner.pull_state)
         progress = resume.Progress(
-            self.policy_version, self.groups_queued, self.norm_entropys, self.groups.trained
-        )
+            self.policy_version, self.groups_queued, self.norm_entropys, self.groups.trained,
+            self.groups.abandoned,
+        )  # fmt: skip
         await asyncio.to_thread(
             save_checkpoint, self.run_dir / "checkpoints", self.step, self.model,
             self.optimizer, self.scheduler, keep_last=self.config.trainer.checkpoint_keep_last,

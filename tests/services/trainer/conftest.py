@@ -109,12 +109,20 @@ class ScoredFeeder:
     """Answers each prompt group on ``<prefix>:prompts`` with ``n`` scored samples of random
     tokens (rewards alternate 0/1; the tokens depend only on the group id): the trainer's
     real input, without vLLM. Groups numbered above ``limit`` are held back until it is
-    raised (None: no limit)."""
+    raised (None: no limit). Samples ``(group id, sample index)`` in ``drop`` are never
+    sent (as if dead-lettered on the way)."""
 
-    def __init__(self, url: str, names: StreamNames, limit: int | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        names: StreamNames,
+        limit: int | None = None,
+        drop: set[tuple[str, int]] | None = None,
+    ) -> None:
         self.client = redis.Redis.from_url(url)
         self.names = names
         self.limit = limit
+        self.drop = drop or set()
         self.running = True
         self._held: list[PromptGroup] = []
         self._thread = threading.Thread(target=self._main, daemon=True)
@@ -135,19 +143,27 @@ class ScoredFeeder:
                     self._answer(group)
 
     def _answer(self, group: PromptGroup) -> None:
-        rng = np.random.default_rng(int(group.group_id))
         pipe = self.client.pipeline()
+        for sample in self.samples(group):
+            if (group.group_id, sample.sample_idx) not in self.drop:
+                pipe.xadd(self.names.scored, {DATA_FIELD: sample.to_bytes()})
+        pipe.execute()
+
+    @staticmethod
+    def samples(group: PromptGroup) -> list[ScoredTrajectory]:
+        """The ``n`` samples the feeder answers ``group`` with."""
+        rng = np.random.default_rng(int(group.group_id))
+        samples = []
         for index in range(group.n):
             length = int(rng.integers(2, group.sampling.max_tokens + 1))
-            sample = ScoredTrajectory(
+            samples.append(ScoredTrajectory(
                 run_id=group.run_id, group_id=group.group_id, sample_idx=index, n=group.n,
                 policy_version=group.policy_version, policy_version_end=group.policy_version,
                 prompt_ids=group.prompt_ids, response_ids=rng.integers(3, 1000, length),
                 logprobs=np.full(length, -2.0), finish_reason="length", answer=group.answer,
                 reward=float(index % 2), reward_reason="correct" if index % 2 else "wrong",
-            )  # fmt: skip
-            pipe.xadd(self.names.scored, {DATA_FIELD: sample.to_bytes()})
-        pipe.execute()
+            ))  # fmt: skip
+        return samples
 
     def close(self) -> None:
         self.running = False
