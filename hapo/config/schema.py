@@ -281,6 +281,11 @@ class TrainerConfig(_Section):
     checkpoint, and a replacement group issued. It is checked only when the trainer has read
     everything there is, and a pause restarts the clock; the default is over twice the
     slowest healthy path (``rollout.reclaim_idle_s`` x ``rollout.max_deliveries``: 1500 s)."""
+    stall_factor: float = Field(10.0, ge=1.0, le=10_000.0)
+    """``/readyz`` answers 503 once the running run has made no step for this many times
+    its median step time (over its last 100 steps in this process, so only after its first;
+    a paused run is not stalled), so that an orchestrator can restart it; ``/healthz``
+    stays a plain liveness answer."""
     exit_after_run: bool = True
     """Exit once the run started at launch ends (``hapo up``, tests); false keeps serving
     the control API so that new runs can be started with ``POST /v1/runs``."""

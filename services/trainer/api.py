@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import re
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -136,6 +137,9 @@ class RunStatus(BaseModel):
 class TrainerReadiness(Readiness):
     redis: bool
     active_run: str | None
+    stalled: bool = False
+    """The active run is running but has made no step for ``trainer.stall_factor`` times
+    its median step time: not ready, so that an orchestrator restarts the trainer."""
 
 
 def _finite(value: float | None) -> float | None:
@@ -229,10 +233,15 @@ def create_app(config: HapoConfig, manager: RunManager, client: aioredis.Redis) 
     v1 = APIRouter(prefix="/v1", dependencies=auth, responses=_ERRORS)
 
     async def readiness() -> TrainerReadiness:
-        """Redis answers."""
+        """Redis answers, and the active run (if any) is not stalled."""
         redis_ok = await redis_answers(client)
-        active = manager.active.run_id if manager.active is not None else None
-        return TrainerReadiness(ready=redis_ok, redis=redis_ok, active_run=active)
+        run = manager.active
+        service = run.service if run is not None else None
+        stalled = service is not None and service.stalled(time.monotonic())
+        return TrainerReadiness(
+            ready=redis_ok and not stalled, redis=redis_ok, stalled=stalled,
+            active_run=run.run_id if run is not None else None,
+        )  # fmt: skip
 
     add_probe_routes(app, manager.metrics.registry, readiness, TrainerReadiness)
 

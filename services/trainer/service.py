@@ -33,8 +33,10 @@ The learner is ``trainer.backend``'s (``services.trainer.learners``): this proce
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
+import statistics
 import time
 import uuid
 from pathlib import Path
@@ -132,6 +134,10 @@ class TrainerService:
         self.last_step_end = 0.0
         """``time.monotonic()`` when the last step was recorded (or the learner started):
         ``perf/wall_step_s`` is the whole step as the run sees it, waiting included."""
+        self.step_times: collections.deque[float] = collections.deque(maxlen=100)
+        """``perf/wall_step_s`` of the last 100 steps this process made (``stalled``)."""
+        self.last_progress = 0.0
+        """``time.monotonic()`` of the last step, or of the end of the last pause."""
 
     def _prompt_group(self) -> PromptGroup:
         data, rollout = self.config.data, self.config.actor_rollout_ref.rollout
@@ -191,7 +197,8 @@ class TrainerService:
             if not control.pause_requested:
                 if control.state is RunState.PAUSED:
                     control.state = RunState.RUNNING
-                    self.groups.restart_clocks(time.monotonic())  # a pause is no stall
+                    self.last_progress = time.monotonic()  # a pause is no stall
+                    self.groups.restart_clocks(self.last_progress)
                 return True
             control.state = RunState.PAUSED
             await control.idle(0.2)
@@ -245,6 +252,14 @@ class TrainerService:
             )  # fmt: skip
         if overdue:
             await self._queue_prompts(self.step)
+
+    def stalled(self, now: float) -> bool:
+        """Whether the run is running but has made no step for ``trainer.stall_factor``
+        times its median step time (never before its first step, nor while paused)."""
+        if self.control.state is not RunState.RUNNING or not self.step_times:
+            return False
+        limit = self.config.trainer.stall_factor * statistics.median(self.step_times)
+        return now - self.last_progress > limit
 
     def _check_tokens(self, sample: ScoredTrajectory) -> None:
         """Refuse a sample whose token ids the model has no embedding for: it would fail
@@ -335,6 +350,8 @@ class TrainerService:
         """The step's JSONL line, Prometheus metrics and trackers (the log line: console)."""
         now = time.monotonic()
         wall_s, self.last_step_end = now - self.last_step_end, now
+        self.step_times.append(wall_s)
+        self.last_progress = now
         line = {
             "step": self.step, "time": time.time(), "policy_version": self.policy_version,
             **result.metrics, "perf/wall_step_s": wall_s,

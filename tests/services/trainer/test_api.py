@@ -28,7 +28,15 @@ def test_config_probes_and_schema(trainer_api: TrainerServer) -> None:
     assert config["trainer"]["exit_after_run"] is True
     assert TOKEN not in json.dumps(config)
     status, readiness = trainer_api.request("GET", "/readyz")
-    assert (status, readiness) == (200, {"ready": True, "redis": True, "active_run": None})
+    assert (status, readiness) == (
+        200,
+        {
+            "ready": True,
+            "redis": True,
+            "active_run": None,
+            "stalled": False,
+        },
+    )
     status, schema = trainer_api.request("GET", "/openapi.json", token=None)
     assert status == 200
     assert {"/v1/runs", "/v1/runs/{run_id}", "/v1/runs/{run_id}/pause", "/v1/config"} <= set(
