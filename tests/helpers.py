@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import socket
 import subprocess
@@ -17,12 +18,28 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from hapo.runtime.redis_server import redis_answers, server_command
 from hapo.transport.messages import ScoredTrajectory
 
+_EPHEMERAL_PORTS = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_given_ports: set[int] = set()
+
 
 def free_port() -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port nothing listens on right now, and one that no process started later takes
+    first: it lies below the kernel's ephemeral range, where binding port 0 (as vLLM and
+    torch.distributed do for their own sockets) never lands. A port the kernel handed out
+    (port 0) was taken by a rollout's engine before the trainer listened on it."""
+    low = int(_EPHEMERAL_PORTS.read_text().split()[0]) if _EPHEMERAL_PORTS.exists() else 32768
+    for _ in range(1000):
+        port = random.randrange(max(1024, low - 10000), low)
+        if port in _given_ports:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _given_ports.add(port)
+        return port
+    raise RuntimeError(f"no free TCP port below {low}")
 
 
 def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
