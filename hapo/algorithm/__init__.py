@@ -63,6 +63,7 @@ from hapo.algorithm.temperature import (
     NormEntropys,
     compute_entropy_based_temperature,
     compute_norm_entropys,
+    entropy_based_temperature,
     entropy_h_hat,
     log_entropy,
 )
@@ -81,6 +82,7 @@ __all__ = [
     "compute_hapo_outcome_advantage",
     "compute_norm_entropys",
     "compute_rollout_correction",
+    "entropy_based_temperature",
     "entropy_from_logits_chunked",
     "entropy_h_hat",
     "group_ids",

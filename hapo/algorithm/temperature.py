@@ -75,7 +75,31 @@ def compute_entropy_based_temperature(
     """
     if not adaptive_temperature or norm_entropys is None:
         return input_temperature
-    h_hat = entropy_h_hat(log_entropy(token_entropy(logits), eps), norm_entropys, eps)
+    return entropy_based_temperature(
+        token_entropy(logits), input_temperature, temperature_tau, norm_entropys, eps
+    )
+
+
+def entropy_based_temperature(
+    entropy: torch.Tensor,
+    input_temperature: torch.Tensor | float,
+    temperature_tau: torch.Tensor | float,
+    norm_entropys: tuple[float | torch.Tensor, ...],
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """``T * (1 + h_hat * tau)`` from token entropies (the formula of
+    ``compute_entropy_based_temperature``, for callers that hold entropies, not logits).
+
+    Args:
+        entropy: ``[...]`` token entropies (nats).
+        input_temperature, temperature_tau: floats or tensors broadcasting to ``[...]``.
+        norm_entropys: ``(pivot, std, scale_pos, scale_neg)``, floats or tensors
+            broadcasting to ``[...]`` (e.g. ``[B, 1]``: one set per sample).
+
+    Returns:
+        ``[...]`` temperatures.
+    """
+    h_hat = entropy_h_hat(log_entropy(entropy, eps), norm_entropys, eps)
     return input_temperature * (1.0 + h_hat * temperature_tau)
 
 

@@ -26,6 +26,7 @@ from hapo.algorithm import (
     compute_hapo_outcome_advantage,
     compute_norm_entropys,
     compute_rollout_correction,
+    entropy_based_temperature,
     entropy_h_hat,
     hapo_policy_loss,
     log_entropy,
@@ -159,8 +160,9 @@ def sampled_temperature_metrics(batch: TrainingBatch, entropy: torch.Tensor) -> 
     the start-of-step entropies ``[B, R]`` (the sampler saw its own weights' entropies,
     up to ``max_staleness`` versions older, of the raw logits: equal at ``T = 1``)."""
     stats = tuple(column[:, None] for column in batch.sampling_norm_entropys.unbind(-1))
-    h_hat = entropy_h_hat(log_entropy(entropy), stats)
-    t_dyn = batch.sampling_temperature[:, None] * (1 + h_hat * batch.sampling_tau[:, None])
+    t_dyn = entropy_based_temperature(
+        entropy, batch.sampling_temperature[:, None], batch.sampling_tau[:, None], stats
+    )
     valid = t_dyn[batch.response_mask.bool()]
     return {
         "entropy/t_dyn_mean": valid.mean().item(),
