@@ -363,6 +363,9 @@ class ApiConfig(_Section):
     """Interface the HTTP APIs bind to; localhost unless you mean otherwise."""
     port: int = Field(8000, ge=1, le=65535)
     """Port of the trainer's control API."""
+    max_request_bytes: int = Field(1 << 20, ge=1024, le=1 << 30)
+    """Largest request body any service's HTTP API accepts (413 beyond, before the body is
+    parsed or the token checked). A weight update's metadata is about 100 bytes a tensor."""
     token: SecretStr | None = None
     """Bearer token of the trainer's control API and the rollout's weight routes (never
     logged); at least 16 characters. The trainer, and a rollout with ``rollout.http_port``,

@@ -1,7 +1,9 @@
-"""Pieces every service's FastAPI app shares: probes, metrics, bearer-token auth."""
+"""Pieces every service's FastAPI app shares: probes, metrics, bearer-token auth, a bound
+on request bodies."""
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -10,6 +12,7 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI, HTTPException, Request, Response, status
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, SecretStr
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hapo.config import MIN_API_TOKEN_CHARS
 
@@ -44,6 +47,50 @@ def bearer_auth(token: SecretStr | None) -> Callable[[Request], None]:
             )
 
     return require_token
+
+
+class BodySizeLimit:
+    """ASGI middleware answering 413 to a request body over ``max_bytes`` (declared in
+    ``Content-Length`` or streamed), before any route parses it or checks its token: an
+    unauthenticated client cannot make a service buffer or decode more than that."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.max_bytes:
+            await self._too_large(send)
+            return
+        messages: list[Message] = []
+        size, more = 0, True
+        while more:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            more = message.get("more_body", False)
+            if size > self.max_bytes:
+                await self._too_large(send)
+                return
+
+        async def replay() -> Message:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, send: Send) -> None:
+        body = json.dumps({"detail": f"request body over {self.max_bytes} bytes"}).encode()
+        await send({
+            "type": "http.response.start", "status": status.HTTP_413_CONTENT_TOO_LARGE,
+            "headers": [(b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode())],
+        })  # fmt: skip
+        await send({"type": "http.response.body", "body": body})
 
 
 class Health(BaseModel):

@@ -8,7 +8,8 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from hapo.runtime.http import Readiness, add_probe_routes, redis_answers
+from hapo.config import ApiConfig
+from hapo.runtime.http import BodySizeLimit, Readiness, add_probe_routes, redis_answers
 
 
 @dataclass
@@ -61,8 +62,9 @@ class WorkerReadiness(Readiness):
     scorer: bool
 
 
-def create_app(state: WorkerState) -> FastAPI:
+def create_app(state: WorkerState, api: ApiConfig) -> FastAPI:
     app = FastAPI(title="HAPO-RL reward worker")
+    app.add_middleware(BodySizeLimit, max_bytes=api.max_request_bytes)
 
     async def readiness() -> WorkerReadiness:
         """Redis answers and the scorer process runs."""

@@ -185,7 +185,7 @@ async def _main(config: HapoConfig, consumer_name: str | None) -> None:
     worker = RewardWorker(config, consumer_name)
     tasks = [asyncio.create_task(worker.run(stop))]
     if config.reward.http_port:
-        app = create_app(worker.state)
+        app = create_app(worker.state, config.api)
         tasks.append(
             asyncio.create_task(serve_http(app, config.api.host, config.reward.http_port, stop))
         )

@@ -12,14 +12,21 @@ from typing import Annotated, Any
 import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI, HTTPException, Request, status
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field
 from vllm.distributed.weight_transfer.base import (
     WeightTransferInitRequest,
     WeightTransferUpdateRequest,
 )
 from vllm.v1.engine.async_llm import AsyncLLM
 
-from hapo.runtime.http import Readiness, add_probe_routes, bearer_auth, redis_answers
+from hapo.config import ApiConfig
+from hapo.runtime.http import (
+    BodySizeLimit,
+    Readiness,
+    add_probe_routes,
+    bearer_auth,
+    redis_answers,
+)
 from hapo.transport.messages import NormEntropysValue
 
 logger = logging.getLogger("hapo.rollout")
@@ -218,10 +225,11 @@ def _state(request: Request) -> RolloutState:
 State = Annotated[RolloutState, Depends(_state)]
 
 
-def create_app(state: RolloutState, token: SecretStr | None) -> FastAPI:
+def create_app(state: RolloutState, api: ApiConfig) -> FastAPI:
     app = FastAPI(title="HAPO-RL rollout")
     app.state.rollout = state
-    admin = [Depends(bearer_auth(token))]
+    app.add_middleware(BodySizeLimit, max_bytes=api.max_request_bytes)
+    admin = [Depends(bearer_auth(api.token))]
 
     async def readiness() -> RolloutReadiness:
         """The engine runs and Redis answers."""

@@ -281,7 +281,7 @@ async def _main(config: HapoConfig, consumer_name: str | None) -> None:
     service = RolloutService(config, engine, consumer_name)
     tasks = [asyncio.create_task(service.run(stop))]
     if config.rollout.http_port:
-        app = create_app(service.state, config.api.token)
+        app = create_app(service.state, config.api)
         tasks.append(
             asyncio.create_task(serve_http(app, config.api.host, config.rollout.http_port, stop))
         )

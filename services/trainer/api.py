@@ -1,7 +1,7 @@
 """The trainer's control API: start and steer runs, read the config, probes and metrics.
 
 Every ``/v1`` route needs ``Authorization: Bearer <api.token>`` (401 otherwise); request
-bodies over ``MAX_BODY_BYTES`` get 413. The OpenAPI schema is at ``/openapi.json``.
+bodies over ``api.max_request_bytes`` get 413. The OpenAPI schema is at ``/openapi.json``.
 Control requests (pause, resume, stop, checkpoint) are answered at once (202) and take
 effect between training steps; poll ``GET /v1/runs/{run_id}`` for the new state.
 
@@ -29,10 +29,15 @@ from fastapi.responses import FileResponse
 from fastapi.security import HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hapo.config import ConfigError, HapoConfig, require_api_token
-from hapo.runtime.http import Readiness, add_probe_routes, bearer_auth, redis_answers
+from hapo.runtime.http import (
+    BodySizeLimit,
+    Readiness,
+    add_probe_routes,
+    bearer_auth,
+    redis_answers,
+)
 from hapo.runtime.lifecycle import serve_http
 from hapo.transport.streams import connect
 from services.trainer.control import RunState
@@ -42,8 +47,6 @@ from services.trainer.trackers import check_available
 
 logger = logging.getLogger("hapo.trainer")
 
-MAX_BODY_BYTES = 64 * 1024
-"""Largest request body accepted."""
 STATIC_DIR = Path(__file__).with_name("static")
 """The run page's files."""
 PAGE_HEADERS = {
@@ -57,48 +60,6 @@ PAGE_HEADERS = {
 }
 """Headers of the run page and its files: only its own script, styles and API calls (no
 inline code, no other origin, no form posting anywhere), never framed."""
-
-
-class BodySizeLimit:
-    """ASGI middleware answering 413 to bodies over ``max_bytes`` (declared or streamed)."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int = MAX_BODY_BYTES) -> None:
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope["headers"]).get(b"content-length", b"0")
-        if not declared.isdigit() or int(declared) > self.max_bytes:
-            await self._too_large(send)
-            return
-        messages: list[Message] = []
-        size, more = 0, True
-        while more:
-            message = await receive()
-            messages.append(message)
-            if message["type"] != "http.request":
-                break
-            size += len(message.get("body", b""))
-            more = message.get("more_body", False)
-            if size > self.max_bytes:
-                await self._too_large(send)
-                return
-
-        async def replay() -> Message:
-            return messages.pop(0) if messages else await receive()
-
-        await self.app(scope, replay, send)
-
-    async def _too_large(self, send: Send) -> None:
-        body = json.dumps({"detail": f"request body over {self.max_bytes} bytes"}).encode()
-        await send({
-            "type": "http.response.start", "status": status.HTTP_413_CONTENT_TOO_LARGE,
-            "headers": [(b"content-type", b"application/json"),
-                        (b"content-length", str(len(body)).encode())],
-        })  # fmt: skip
-        await send({"type": "http.response.body", "body": body})
 
 
 class ErrorDetail(BaseModel):
@@ -227,7 +188,7 @@ def create_app(config: HapoConfig, manager: RunManager, client: aioredis.Redis) 
         version="1",
     )
     app.state.runs = manager
-    app.add_middleware(BodySizeLimit)
+    app.add_middleware(BodySizeLimit, max_bytes=config.api.max_request_bytes)
     # HTTPBearer only documents the scheme in the OpenAPI schema; bearer_auth checks it.
     auth = [Depends(HTTPBearer(auto_error=False)), Depends(bearer_auth(config.api.token))]
     v1 = APIRouter(prefix="/v1", dependencies=auth, responses=_ERRORS)

@@ -17,6 +17,7 @@ from vllm.exceptions import VLLMValidationError
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from hapo.algorithm import compute_entropy_based_temperature
+from hapo.config import ApiConfig
 from hapo.inference.engine import build_engine
 from hapo.inference.logits_processor import to_extra_args
 from hapo.runtime.lifecycle import serve_http
@@ -130,7 +131,7 @@ async def test_weight_update_over_http_then_greedy_matches_transformers(
     state = RolloutState(engine=engine, client=redis_client, metrics=RolloutMetrics())
     port, stop = free_port(), asyncio.Event()
     server = asyncio.create_task(
-        serve_http(create_app(state, SecretStr(token)), "127.0.0.1", port, stop)
+        serve_http(create_app(state, ApiConfig(token=SecretStr(token))), "127.0.0.1", port, stop)
     )
     await asyncio.sleep(0.5)
     try:
@@ -149,6 +150,10 @@ async def test_weight_update_over_http_then_greedy_matches_transformers(
         intruder = RolloutWeightSyncClient(f"http://127.0.0.1:{port}", "wrong", timeout_s=30)
         with pytest.raises(httpx.HTTPStatusError, match="401"):
             await asyncio.to_thread(intruder.start_weight_update)
+        async with httpx.AsyncClient(timeout=30) as http:  # no token: refused unread
+            flood = b'{"update_info": "' + b"x" * ApiConfig().max_request_bytes + b'"}'
+            response = await http.post(f"http://127.0.0.1:{port}/v1/weights/update", content=flood)
+        assert response.status_code == 413
 
         def trainer() -> None:
             client = RolloutWeightSyncClient(f"http://127.0.0.1:{port}", token)
