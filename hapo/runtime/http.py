@@ -49,10 +49,18 @@ def bearer_auth(token: SecretStr | None) -> Callable[[Request], None]:
     return require_token
 
 
+DRAIN_BYTES = 64 << 20
+"""Bytes of a refused body read and dropped before the 413 goes out (see ``BodySizeLimit``)."""
+
+
 class BodySizeLimit:
     """ASGI middleware answering 413 to a request body over ``max_bytes`` (declared in
     ``Content-Length`` or streamed), before any route parses it or checks its token: an
-    unauthenticated client cannot make a service buffer or decode more than that."""
+    unauthenticated client cannot make a service buffer or decode more than that.
+
+    The rest of a refused body is read and dropped (up to ``DRAIN_BYTES``) before the 413
+    is sent: most clients write the whole body before reading the reply, and a server that
+    answers and closes meanwhile gives them a reset connection instead of the reason."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
@@ -63,7 +71,7 @@ class BodySizeLimit:
             return
         declared = dict(scope["headers"]).get(b"content-length", b"0")
         if not declared.isdigit() or int(declared) > self.max_bytes:
-            await self._too_large(send)
+            await self._refuse(receive, send, size=0)
             return
         messages: list[Message] = []
         size, more = 0, True
@@ -75,7 +83,7 @@ class BodySizeLimit:
             size += len(message.get("body", b""))
             more = message.get("more_body", False)
             if size > self.max_bytes:
-                await self._too_large(send)
+                await self._refuse(receive, send, size, more=more)
                 return
 
         async def replay() -> Message:
@@ -83,7 +91,13 @@ class BodySizeLimit:
 
         await self.app(scope, replay, send)
 
-    async def _too_large(self, send: Send) -> None:
+    async def _refuse(self, receive: Receive, send: Send, size: int, more: bool = True) -> None:
+        while more and size <= DRAIN_BYTES:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            more = message.get("more_body", False)
         body = json.dumps({"detail": f"request body over {self.max_bytes} bytes"}).encode()
         await send({
             "type": "http.response.start", "status": status.HTTP_413_CONTENT_TOO_LARGE,
