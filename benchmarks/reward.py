@@ -106,10 +106,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     config = load_config()
     names = StreamNames(f"bench-{uuid.uuid4().hex[:8]}")
-    client = redis.Redis.from_url(config.redis.url)
+    password = config.redis.password
+    client = redis.Redis.from_url(
+        config.redis.url, password=None if password is None else password.get_secret_value()
+    )
     # One event loop for the whole run: the publisher's asyncio client lives on it.
     runner = asyncio.Runner()
-    publisher = StreamPublisher(connect(config.redis.url))
+    publisher = StreamPublisher(connect(config.redis.url, config.redis.password))
     tokenizer = Tokenizer.from_file(str(config.model.local_path / "tokenizer.json"))
     trajectories = make_trajectories(tokenizer, args.count, args.seed)
     hapo = str(Path(sys.executable).with_name("hapo"))

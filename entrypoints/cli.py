@@ -113,7 +113,11 @@ def redis_ensure(overrides: Overrides = None, config_file: ConfigFile = None) ->
     from hapo.runtime.redis_server import RedisUnavailableError, ensure_redis
 
     try:
-        started = ensure_redis(config.redis.url, config.model.cache_dir.expanduser() / "redis")
+        started = ensure_redis(
+            config.redis.url,
+            config.model.cache_dir.expanduser() / "redis",
+            password=config.redis.password,
+        )
     except RedisUnavailableError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=1) from None

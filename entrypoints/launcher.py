@@ -158,7 +158,11 @@ def up(config: HapoConfig, config_file: Path | None, overrides: list[str]) -> in
     """Run the stack until the trainer finishes; returns the trainer's exit code (1 if
     another service failed, 128 + the signal's number if SIGINT or SIGTERM stopped it)."""
     console = Console()
-    if ensure_redis(config.redis.url, config.model.cache_dir.expanduser() / "redis"):
+    if ensure_redis(
+        config.redis.url,
+        config.model.cache_dir.expanduser() / "redis",
+        password=config.redis.password,
+    ):
         console.print(f"started a local Redis at {mask_url(config.redis.url)}")
     if config.model.path is None and not is_installed(config.model.local_path):
         console.print("installing the default model (once) ...")

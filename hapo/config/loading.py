@@ -94,7 +94,7 @@ def _override_layer(overrides: Sequence[str]) -> dict[str, Any]:
     return layer
 
 
-_SECRET_KEYS = {"api.token"}
+_SECRET_KEYS = {"api.token", "redis.password"}
 """Keys whose bad values an error never repeats."""
 
 

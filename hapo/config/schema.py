@@ -340,12 +340,26 @@ class RedisConfig(_Section):
     url: str = Field("redis://127.0.0.1:6379/0", pattern=r"^(redis|rediss|unix)://")
     """Redis server carrying all streams (a password in it is masked wherever the config
     is shown or logged)."""
+    password: SecretStr | None = None
+    """Password of the Redis server (``AUTH``), kept out of the URL so that it can come from
+    a secret (``HAPO_REDIS_PASSWORD``); never logged or shown. None: the URL's, if any.
+    ``hapo up``, when it starts its own Redis, starts it with this password."""
     stream_prefix: str = Field("hapo", pattern=r"^[A-Za-z0-9_.-]+$", max_length=64)
     """Streams are named ``<prefix>:prompts``, ``<prefix>:trajectories``, ..."""
     dead_maxlen: int = Field(10_000, ge=1, le=100_000_000)
     """About how many dead letters ``<prefix>:dead`` keeps (``XADD ... MAXLEN ~``): the
     oldest are dropped. The other streams are trimmed below what every reader has
     acknowledged."""
+
+    @field_validator("password")
+    @classmethod
+    def _password_long_enough(cls, password: SecretStr | None) -> SecretStr | None:
+        if password is not None and len(password.get_secret_value()) < MIN_API_TOKEN_CHARS:
+            raise ValueError(
+                f"must be at least {MIN_API_TOKEN_CHARS} characters; set it "
+                f"({env_var_name('redis.password')}) to the output of: {MAKE_API_TOKEN}"
+            )
+        return password
 
     @field_serializer("url")
     def _mask_password(self, url: str, info: FieldSerializationInfo) -> str:
@@ -442,8 +456,8 @@ class HapoConfig(_Section):
         return self
 
     def to_json(self) -> str:
-        """The effective config as JSON, secrets masked (``api.token``, a password in
-        ``redis.url``): what services log at start-up, ``hapo config show`` and
+        """The effective config as JSON, secrets masked (``api.token``, ``redis.password``,
+        a password in ``redis.url``): what services log at start-up, ``hapo config show`` and
         ``GET /v1/config`` show."""
         return self.model_dump_json(context={"mask_secrets": True})
 

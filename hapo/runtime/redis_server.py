@@ -9,6 +9,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import redis
+from pydantic import SecretStr
 
 from hapo.config import mask_url
 
@@ -24,9 +25,15 @@ class RedisUnavailableError(RuntimeError):
     """No Redis answers and none can be started here."""
 
 
-def redis_answers(url: str) -> bool:
-    """Whether a Redis server answers ``PING`` at ``url`` within a second."""
-    client = redis.Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=1.0)
+def redis_answers(url: str, password: SecretStr | None = None) -> bool:
+    """Whether a Redis server answers ``PING`` at ``url`` within a second (authenticated
+    with ``password`` where the URL has none)."""
+    client = redis.Redis.from_url(
+        url,
+        password=None if password is None else password.get_secret_value(),
+        socket_connect_timeout=1.0,
+        socket_timeout=1.0,
+    )
     try:
         return bool(client.ping())
     except (redis.RedisError, OSError):  # refused, timed out, or not Redis at all
@@ -59,18 +66,21 @@ def server_command(
     ]  # fmt: skip
 
 
-def ensure_redis(url: str, data_dir: Path, timeout_s: float = 10.0) -> bool:
+def ensure_redis(
+    url: str, data_dir: Path, timeout_s: float = 10.0, password: SecretStr | None = None
+) -> bool:
     """Make sure a Redis answers at ``url``; start ``redis-server`` there if it is local.
 
     The server is started daemonised, with AOF persistence in ``data_dir`` so that a
-    restart loses nothing, and bounded memory (``MAXMEMORY``, ``noeviction``). Returns
-    whether a server was started.
+    restart loses nothing, and bounded memory (``MAXMEMORY``, ``noeviction``); with a
+    ``password`` it requires it (``requirepass``, handed over on its standard input, never
+    on a command line that ``ps`` shows). Returns whether a server was started.
 
     Raises:
         RedisUnavailableError: the URL is remote, ``redis-server`` is not installed, or the
             started server does not answer within ``timeout_s``.
     """
-    if redis_answers(url):
+    if redis_answers(url, password):
         return False
     parsed = urlparse(url)
     if parsed.scheme != "redis" or parsed.hostname not in _LOCAL_HOSTS:
@@ -84,10 +94,19 @@ def ensure_redis(url: str, data_dir: Path, timeout_s: float = 10.0) -> bool:
             "(Debian: apt-get install redis-server)"
         )
     port = parsed.port or 6379
-    subprocess.run(server_command(binary, parsed.hostname, port, data_dir), check=True)
+    command, config = server_command(binary, parsed.hostname, port, data_dir), ""
+    if password is not None:
+        command.insert(1, "-")  # the rest of the config from stdin, then the arguments
+        config = f"requirepass {_quoted(password.get_secret_value())}\n"
+    subprocess.run(command, input=config, text=True, check=True)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if redis_answers(url):
+        if redis_answers(url, password):
             return True
         time.sleep(0.1)
     raise RedisUnavailableError(f"started redis-server on port {port}, but it does not answer")
+
+
+def _quoted(value: str) -> str:
+    """``value`` as a double-quoted string of a Redis config file."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -64,6 +64,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
+from pydantic import SecretStr
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -122,8 +123,9 @@ class CountingRetry(Retry):
         return await super().call_with_retry(do, counted_fail, is_retryable, with_failure_count)
 
 
-def connect(url: str) -> aioredis.Redis:
-    """The asyncio client every service uses: commands that lose their connection
+def connect(url: str, password: SecretStr | None = None) -> aioredis.Redis:
+    """The asyncio client every service uses (``password`` authenticates it where ``url``
+    carries none: ``redis.password``): commands that lose their connection
     (``ConnectionError``, ``TimeoutError``, and ``BusyLoadingError`` while a restarted
     server replays its AOF) are retried on a fresh connection with exponential backoff.
 
@@ -135,6 +137,7 @@ def connect(url: str) -> aioredis.Redis:
     )
     return aioredis.from_url(
         url,
+        password=None if password is None else password.get_secret_value(),
         retry=retry,
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
         socket_connect_timeout=5.0,

@@ -66,7 +66,7 @@ class RewardWorker:
     def __init__(self, config: HapoConfig, consumer_name: str | None = None) -> None:
         self.config = config
         self.names = StreamNames(config.redis.stream_prefix)
-        self.client = connect(config.redis.url)
+        self.client = connect(config.redis.url, config.redis.password)
         self.consumer = StreamConsumer(
             self.client,
             self.names.trajectories,

@@ -112,7 +112,7 @@ class RolloutService:
         self.config = config
         self.engine = engine
         self.names = StreamNames(config.redis.stream_prefix)
-        self.client = connect(config.redis.url)
+        self.client = connect(config.redis.url, config.redis.password)
         self.max_in_flight = config.rollout.max_groups_in_flight
         self.seeds_allowed = torch.cuda.is_available()
         self.consumer = StreamConsumer(

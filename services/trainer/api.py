@@ -331,7 +331,7 @@ async def serve(config: HapoConfig, stop: asyncio.Event, *, start_run: bool) -> 
         raise SystemExit(f"error: {exc}") from None
     metrics = TrainerMetrics()
     manager = RunManager(config, metrics)
-    client = connect(config.redis.url)
+    client = connect(config.redis.url, config.redis.password)
     app = create_app(config, manager, client)
     server_stop = asyncio.Event()
     server = asyncio.create_task(serve_http(app, config.api.host, config.api.port, server_stop))

@@ -31,7 +31,8 @@ def config_with_overrides(base: HapoConfig, overrides: Sequence[str]) -> HapoCon
     """``base`` with dotted ``key=value`` overrides applied, validated like the command
     line (``hapo.config.load_config``; the environment is already in ``base``).
 
-    ``api.*`` stays the process's: the server is bound and its token is fixed.
+    ``api.*`` stays the process's: the server is bound and its token is fixed; so does
+    ``redis.password``, a secret of the deployment.
 
     Raises:
         ConfigError: naming the bad key.
@@ -40,13 +41,16 @@ def config_with_overrides(base: HapoConfig, overrides: Sequence[str]) -> HapoCon
         key = override.partition("=")[0].strip()
         if key == "api" or key.startswith("api."):
             raise ConfigError(f"{key}: the control API's settings are the process's own")
+        if key in ("redis", "redis.password"):
+            raise ConfigError(f"{key}: the Redis password is the process's own")
     tree = json.loads(base.model_dump_json())
-    tree["api"]["token"] = None  # masked in the dump; put back below
+    tree["api"]["token"] = tree["redis"]["password"] = None  # masked in the dump; put back
     with tempfile.TemporaryDirectory() as directory:
         path = Path(directory) / "base.yaml"
         path.write_text(yaml.safe_dump(tree))
         config = load_config(path, overrides, environ={})
-    return config.model_copy(update={"api": base.api})
+    redis = config.redis.model_copy(update={"password": base.redis.password})
+    return config.model_copy(update={"api": base.api, "redis": redis})
 
 
 @dataclass

@@ -106,7 +106,7 @@ class TrainerService:
         )
         self.problems = problem_stream(config.data.train_files, config.seed)
         self.names = StreamNames(config.redis.stream_prefix)
-        self.client = connect(config.redis.url)
+        self.client = connect(config.redis.url, config.redis.password)
         self.consumer = StreamConsumer(
             self.client, self.names.scored, TRAINER_GROUP, f"trainer-{self.run_id}",
             dead_stream=self.names.dead, max_deliveries=config.trainer.max_deliveries,

@@ -24,7 +24,13 @@ from typer.exceptions import TyperException
 
 from entrypoints.cli import app
 from hapo.config import ConfigError, load_config
-from tests.deploy.conftest import KUSTOMIZATIONS, REPO, TEST_TOKEN
+from tests.deploy.conftest import (
+    KUSTOMIZATIONS,
+    REPO,
+    SECRET_FILES,
+    TEST_TOKEN,
+    write_user_secrets,
+)
 from tests.deploy.kustomize import render
 
 HAPO = Path(sys.executable).with_name("hapo")
@@ -98,8 +104,8 @@ def k8s_cases() -> list[Case]:
     cases = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "k8s"
-        shutil.copytree(REPO / "deploy/k8s", root)
-        (root / "base/api-token.env").write_text(f"HAPO_API_TOKEN={TEST_TOKEN}\n")
+        shutil.copytree(REPO / "deploy/k8s", root, ignore=shutil.ignore_patterns(*SECRET_FILES))
+        write_user_secrets(root)
         for kustomization in KUSTOMIZATIONS:
             objects = render(root / kustomization)
             for obj in objects:

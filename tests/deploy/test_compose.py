@@ -73,9 +73,17 @@ def test_compose_rules_catch_an_inline_token(compose: dict[str, Any]) -> None:
         check_rules(broken)
 
 
+def redis_server_words(redis: dict[str, Any]) -> list[str]:
+    """The ``redis-server`` command line in the Redis service's start script."""
+    shell, flag, script = redis["command"]
+    assert (shell, flag) == ("sh", "-c")
+    (line,) = [line for line in script.splitlines() if line.startswith("exec redis-server")]
+    return line.split()
+
+
 def test_redis_appends_to_a_named_volume_and_reports_health(compose: dict[str, Any]) -> None:
     redis = compose["services"]["redis"]
-    command = redis["command"]
+    command = redis_server_words(redis)
     assert command[command.index("--appendonly") + 1] == "yes"
     # Bounded: past maxmemory writes fail, stream entries are never evicted.
     assert command[command.index("--maxmemory") + 1] == "2gb"
@@ -83,8 +91,31 @@ def test_redis_appends_to_a_named_volume_and_reports_health(compose: dict[str, A
     (volume,) = redis["volumes"]
     name, path = volume.split(":")
     assert name in compose["volumes"] and path == command[command.index("--dir") + 1]
-    assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    assert "redis-cli ping" in redis["healthcheck"]["test"][1]
     assert "profiles" not in redis  # shared by both stacks
+
+
+def test_redis_requires_the_password_every_client_gets_from_a_git_ignored_file(
+    compose: dict[str, Any],
+) -> None:
+    services = compose["services"]
+    password_file = {"path": "deploy/compose/redis-password.env", "required": True}
+    for name, service in services.items():
+        if name != "model-install":  # the only one that never reaches Redis
+            assert password_file in service["env_file"], name
+    redis = services["redis"]
+    script = redis["command"][2]
+    # On stdin ("redis-server -"), not on a command line that ps shows; "$$" is compose's
+    # escape of "$", so the container's shell expands it, not compose.
+    assert redis_server_words(redis)[:3] == ["exec", "redis-server", "-"]
+    assert 'requirepass "$$HAPO_REDIS_PASSWORD"' in script
+    assert script.startswith('test -n "$${HAPO_REDIS_PASSWORD:-}" || {')  # none: no start
+    assert redis["healthcheck"]["test"][0] == "CMD-SHELL"
+    assert 'REDISCLI_AUTH="$$HAPO_REDIS_PASSWORD"' in redis["healthcheck"]["test"][1]
+    ignored = (REPO / "deploy" / ".gitignore").read_text().split()
+    assert "/compose/redis-password.env" in ignored
+    example = (REPO / "deploy/compose/redis-password.env.example").read_text()
+    assert "\nHAPO_REDIS_PASSWORD=\n" in example
 
 
 def test_profiles_split_gpu_and_cpu_stacks(compose: dict[str, Any]) -> None:
@@ -116,8 +147,8 @@ def test_profiles_split_gpu_and_cpu_stacks(compose: dict[str, Any]) -> None:
 
 def test_token_comes_from_the_git_ignored_env_file(compose: dict[str, Any]) -> None:
     for name in ("rollout", "trainer", "rollout-cpu", "trainer-cpu"):
-        (env_file,) = compose["services"][name]["env_file"]
-        assert env_file == {"path": "deploy/compose/api-token.env", "required": True}
+        token_file = {"path": "deploy/compose/api-token.env", "required": True}
+        assert token_file in compose["services"][name]["env_file"], name
     ignored = (REPO / "deploy" / ".gitignore").read_text().split()
     assert "/compose/api-token.env" in ignored
 

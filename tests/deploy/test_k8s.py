@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import re
 from functools import cache
 from typing import Any
 
@@ -234,12 +235,51 @@ def test_only_hapo_services_reach_redis(
             assert is_client == (obj["metadata"]["name"] != "redis"), obj["metadata"]["name"]
 
 
+def redis_server_words(container: dict[str, Any]) -> list[str]:
+    """The ``redis-server`` command line in the Redis container's start script."""
+    shell, flag, script = container["command"]
+    assert (shell, flag) == ("sh", "-c") and "args" not in container
+    (line,) = [line for line in script.splitlines() if line.startswith("exec redis-server")]
+    return line.split()
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_redis_requires_the_generated_password_and_every_client_has_it(
+    rendered: dict[str, list[dict[str, Any]]], kustomization: str
+) -> None:
+    objects = rendered[kustomization]
+    secret = find(objects, "Secret", "hapo-redis-password")
+    assert base64.b64decode(secret["data"]["HAPO_REDIS_PASSWORD"]).decode() == TEST_TOKEN
+    from_secret = {
+        "name": "HAPO_REDIS_PASSWORD",
+        "valueFrom": {
+            "secretKeyRef": {"name": "hapo-redis-password", "key": "HAPO_REDIS_PASSWORD"}
+        },
+    }
+    (redis,) = find(objects, "StatefulSet", "redis")["spec"]["template"]["spec"]["containers"]
+    assert from_secret in redis["env"]
+    script = redis["command"][2]
+    # On stdin ("redis-server -"), never on a command line; k8s leaves "$NAME" (no
+    # parentheses) to the container's shell.
+    assert redis_server_words(redis)[:3] == ["exec", "redis-server", "-"]
+    assert 'requirepass "$HAPO_REDIS_PASSWORD"' in script
+    assert script.startswith('test -n "${HAPO_REDIS_PASSWORD:-}" || {')  # none: no start
+    assert 'REDISCLI_AUTH="$HAPO_REDIS_PASSWORD"' in redis["readinessProbe"]["exec"]["command"][2]
+    clients = 0
+    for _, label, _, container, _ in hapo_containers(objects):
+        names = [env["name"] for env in container.get("env", [])]
+        if "HAPO_REDIS_URL" in names:
+            assert from_secret in container["env"], label
+            clients += 1
+    assert clients >= 2
+
+
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
 def test_redis_keeps_an_aof_on_a_pvc(
     rendered: dict[str, list[dict[str, Any]]], kustomization: str
 ) -> None:
     redis = find(rendered[kustomization], "StatefulSet", "redis")["spec"]
-    args = redis["template"]["spec"]["containers"][0]["args"]
+    args = redis_server_words(redis["template"]["spec"]["containers"][0])
     assert args[args.index("--appendonly") + 1] == "yes"
     # Bounded, below the container's limit (room for an AOF rewrite's fork); past it writes
     # fail, stream entries are never evicted.
@@ -280,15 +320,24 @@ def test_configmap_carries_the_same_run_config_as_compose(
     assert configmap["data"]["hapo.yaml"] == (REPO / "deploy/config/hapo.yaml").read_text()
 
 
-def test_the_token_files_are_git_ignored_and_none_is_committed() -> None:
+@pytest.mark.parametrize(
+    ("name", "variable", "key"),
+    [
+        ("api-token", "HAPO_API_TOKEN", "api.token"),
+        ("redis-password", "HAPO_REDIS_PASSWORD", "redis.password"),
+    ],
+)
+def test_the_secret_files_are_git_ignored_and_none_is_committed(
+    name: str, variable: str, key: str
+) -> None:
     ignored = (REPO / "deploy" / ".gitignore").read_text().split()
-    assert "/k8s/base/api-token.env" in ignored and "/compose/api-token.env" in ignored
-    for example in ("k8s/base/api-token.env.example", "compose/api-token.env.example"):
+    assert f"/k8s/base/{name}.env" in ignored and f"/compose/{name}.env" in ignored
+    for example in (f"k8s/base/{name}.env.example", f"compose/{name}.env.example"):
         lines = (REPO / "deploy" / example).read_text().splitlines()
-        assert "HAPO_API_TOKEN=" in lines  # empty: a user must fill it in
+        assert f"{variable}=" in lines  # empty: a user must fill it in
         assert any(MAKE_API_TOKEN in line for line in lines)  # and is told how
-        with pytest.raises(ConfigError, match=r"api\.token: must be at least 16"):
-            load_config(environ={"HAPO_API_TOKEN": ""})  # left empty, the services refuse it
+        with pytest.raises(ConfigError, match=rf"{re.escape(key)}: must be at least 16"):
+            load_config(environ={variable: ""})  # left empty, the services refuse it
 
 
 def test_rayjob_ray_version_is_the_images_ray(rendered: dict[str, list[dict[str, Any]]]) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.deploy.conftest import K8S
+from tests.deploy.conftest import K8S, SECRET_FILES, write_user_secrets
 from tests.deploy.kustomize import UnsupportedKustomization, render, strategic_merge
 
 
@@ -63,7 +63,8 @@ def test_refuses_unsupported_patches() -> None:
 @pytest.fixture
 def tree(tmp_path: Path) -> Path:
     root = tmp_path / "k8s"
-    shutil.copytree(K8S, root, ignore=shutil.ignore_patterns("api-token.env"))
+    shutil.copytree(K8S, root, ignore=shutil.ignore_patterns(*SECRET_FILES))
+    write_user_secrets(root)
     (root / "base/api-token.env").write_text("# comment\nHAPO_API_TOKEN=t\n")
     return root
 

@@ -241,6 +241,22 @@ def test_redis_password_is_masked_where_the_config_is_shown() -> None:
     assert mask_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
 
 
+def test_redis_password_comes_from_the_environment_and_is_never_shown() -> None:
+    secret = "redis-secret-of-24-chars"
+    config = load_config(environ={"HAPO_REDIS_PASSWORD": secret})
+    assert config.redis.password is not None
+    assert config.redis.password.get_secret_value() == secret
+    assert json.loads(config.to_json())["redis"]["password"] == "**********"
+    assert secret not in config.to_json() and secret not in repr(config)
+    for bad in ("", "hunter2"):
+        with pytest.raises(ConfigError) as error:
+            load_config(environ={"HAPO_REDIS_PASSWORD": bad})
+        message = str(error.value)
+        assert "redis.password" in message and "HAPO_REDIS_PASSWORD" in message
+        assert "at least 16 characters" in message
+        assert bad == "" or bad not in message
+
+
 def test_config_is_immutable() -> None:
     config = load_config(environ={})
     with pytest.raises(Exception, match="frozen"):

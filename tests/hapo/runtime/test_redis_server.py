@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from pydantic import SecretStr
 
 from hapo.runtime.redis_server import (
     RedisUnavailableError,
@@ -15,6 +16,7 @@ from hapo.runtime.redis_server import (
     redis_answers,
     server_command,
 )
+from hapo.transport.streams import connect
 from tests.helpers import free_port, wait_for
 
 
@@ -31,6 +33,27 @@ def test_starts_redis_with_aof_when_none_answers(tmp_path: Path) -> None:
         assert ensure_redis(url, tmp_path) is False  # already answering: nothing started
     finally:
         redis.Redis.from_url(url).shutdown(nosave=True)
+
+
+async def test_a_started_redis_requires_the_password_that_no_command_line_shows(
+    tmp_path: Path,
+) -> None:
+    url, password = f"redis://127.0.0.1:{free_port()}/0", SecretStr('pass "word" \\ of 24 chars')
+    try:
+        assert ensure_redis(url, tmp_path, password=password) is True
+        assert not redis_answers(url)  # NOAUTH
+        assert redis_answers(url, password)
+        client = connect(url, password)  # what every service uses
+        try:
+            assert await client.ping()
+        finally:
+            await client.aclose()
+        command_lines = [path.read_bytes() for path in Path("/proc").glob("[0-9]*/cmdline")]
+        assert any(b"redis-server" in line for line in command_lines)
+        assert not any(b"of 24 chars" in line for line in command_lines)
+        assert ensure_redis(url, tmp_path, password=password) is False
+    finally:
+        redis.Redis.from_url(url, password=password.get_secret_value()).shutdown(nosave=True)
 
 
 def test_remote_url_is_not_started(tmp_path: Path) -> None:
