@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import copy
 import re
+from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
@@ -272,6 +273,132 @@ def test_redis_requires_the_generated_password_and_every_client_has_it(
             assert from_secret in container["env"], label
             clients += 1
     assert clients >= 2
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Whether a label selector (``matchLabels``, ``matchExpressions``) selects ``labels``;
+    written from the Kubernetes API reference, independently of the manifests."""
+    if selector.get("matchLabels", {}).items() - labels.items():
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator, values = (
+            expression["key"],
+            expression["operator"],
+            expression.get("values", []),
+        )
+        present = key in labels
+        if not {
+            "Exists": present,
+            "DoesNotExist": not present,
+            "In": present and labels[key] in values,
+            "NotIn": not present or labels[key] not in values,
+        }[operator]:
+            return False
+    return True
+
+
+@dataclass(frozen=True)
+class Pod:
+    labels: dict[str, str]
+    namespace_labels: dict[str, str] = field(default_factory=lambda: {"name": "hapo"})
+    """The pod's namespace's labels; the manifests' own namespace is ``{"name": "hapo"}``."""
+
+
+def admits(policies: list[dict[str, Any]], target: Pod, source: Pod, port: int) -> bool:
+    """Whether a TCP connection from ``source`` to ``port`` of ``target`` (a pod of the
+    manifests' namespace) is allowed under ``policies`` (NetworkPolicy ingress semantics:
+    a pod no policy selects admits everything; a selected pod admits what some rule of
+    some policy selecting it admits)."""
+    applicable = [
+        p["spec"] for p in policies
+        if "Ingress" in p["spec"]["policyTypes"] and selects(p["spec"]["podSelector"], target.labels)
+    ]  # fmt: skip
+    if not applicable:
+        return True
+    same_namespace = source.namespace_labels == target.namespace_labels
+
+    def peer_admits(peer: dict[str, Any]) -> bool:
+        if "namespaceSelector" in peer:
+            in_namespace = selects(peer["namespaceSelector"], source.namespace_labels)
+        else:
+            in_namespace = same_namespace
+        return in_namespace and selects(peer.get("podSelector", {}), source.labels)
+
+    for spec in applicable:
+        for rule in spec.get("ingress", []):
+            ports = rule.get("ports")
+            port_ok = not ports or any(p.get("port") in (None, port) for p in ports)
+            peers = rule.get("from")
+            if port_ok and (not peers or any(peer_admits(peer) for peer in peers)):
+                return True
+    return False
+
+
+def template_labels(objects: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
+    """The labels of every pod template, by ``pod_specs``'s label."""
+    found = {}
+    for obj in objects:
+        if obj["kind"] in ("Deployment", "StatefulSet"):
+            found[obj["metadata"]["name"]] = obj["spec"]["template"]["metadata"]["labels"]
+        elif obj["kind"] == "RayJob":
+            cluster = obj["spec"]["rayClusterSpec"]
+            found["ray-head"] = cluster["headGroupSpec"]["template"]["metadata"]["labels"]
+            for group in cluster["workerGroupSpecs"]:
+                found[f"ray-{group['groupName']}"] = group["template"]["metadata"]["labels"]
+    return found
+
+
+STRANGER = Pod({"app": "someone-elses"})
+"""A pod of the same namespace that is not part of HAPO-RL."""
+OUTSIDER = Pod({"app.kubernetes.io/name": "trainer"}, {"name": "elsewhere"})
+"""A pod of another namespace, labelled like the trainer."""
+
+
+@pytest.mark.parametrize("kustomization", ["overlays/cpu", "overlays/gpu", "overlays/gpu-single"])
+def test_network_policies_admit_each_component_only_what_it_needs(
+    rendered: dict[str, list[dict[str, Any]]], kustomization: str
+) -> None:
+    objects = rendered[kustomization]
+    policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
+    pods = {name: Pod(labels) for name, labels in template_labels(objects).items()}
+    trainer = pods.get("trainer") or pods["ray-head"]
+    for name, pod in pods.items():  # every component is behind some policy
+        assert any(selects(p["spec"]["podSelector"], pod.labels) for p in policies), name
+
+    def check(target: Pod, source: Pod, port: int, expected: bool) -> None:
+        assert admits(policies, target, source, port) is expected, (target, source, port)
+
+    for client in ("rollout", "reward"):
+        check(pods["redis"], pods[client], 6379, True)
+    check(pods["redis"], trainer, 6379, True)
+    for stranger in (STRANGER, OUTSIDER):
+        check(pods["redis"], stranger, 6379, False)
+        check(pods["rollout"], stranger, 8001, False)
+        check(pods["reward"], stranger, 8002, False)
+        check(trainer, stranger, 29500, False)
+    check(pods["rollout"], trainer, 8001, True)  # the weight routes
+    check(pods["rollout"], trainer, 41234, True)  # NCCL's sockets: any port
+    check(pods["rollout"], pods["reward"], 8001, False)
+    check(pods["reward"], trainer, 8002, False)
+    check(trainer, pods["rollout"], 29500, True)  # the rendezvous
+    check(trainer, pods["rollout"], 41234, True)
+    check(trainer, STRANGER, 8000, True)  # the control API, from this namespace
+    check(trainer, OUTSIDER, 8000, False)
+    check(trainer, pods["reward"], 29500, False)
+    if "ray-head" in pods:
+        head, worker = pods["ray-head"], pods["ray-gpu"]
+        submitter = Pod({"batch.kubernetes.io/job-name": "trainer"})
+        operator = Pod({"app.kubernetes.io/name": "kuberay-operator"}, {"name": "ray-system"})
+        for port in (6379, 8265, 10001, 20001):  # GCS, dashboard, client, a worker port
+            check(head, worker, port, True)
+            check(worker, head, port, True)
+            check(head, STRANGER, port, False)
+            check(head, OUTSIDER, port, False)
+            check(head, pods["rollout"], port, True)  # NCCL (the driver pushes weights)
+            check(worker, pods["rollout"], port, False)
+        for source in (submitter, operator):
+            check(head, source, 8265, True)
+            check(head, source, 10001, False)
 
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
