@@ -257,6 +257,11 @@ class TrainerConfig(_Section):
     memory ``chunk x vocab x 4`` bytes instead of the whole batch's fp32 logits."""
     checkpoint_keep_last: int = Field(3, ge=1, le=10_000)
     """Checkpoints kept in ``run_dir/<run id>/checkpoints/``; older ones are deleted."""
+    checkpoint_keep_runs: int | None = Field(None, ge=1, le=10_000)
+    """Runs under ``run_dir`` whose checkpoints are kept, this one included: after each
+    checkpoint, those of all but the newest others (by their newest checkpoint) are
+    deleted; their metrics and plots stay. None keeps every run's (the deployments set 3:
+    their volume is shared by every run they ever make)."""
     checkpoint_every: int = Field(10, ge=1)
     """Steps between checkpoints (the last step is always saved)."""
     run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")

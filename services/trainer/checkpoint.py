@@ -14,7 +14,8 @@ folder (vLLM, transformers and ``hapo eval`` load it as it is), holding
 It is written under a temporary name in the same folder, fsynced, and renamed into place:
 a folder named ``step_*`` is always complete, and a crash mid-save leaves only a
 ``.tmp-*`` folder that the next save removes. After each save only the newest
-``keep_last`` checkpoints are kept.
+``keep_last`` checkpoints are kept; across runs, ``prune_other_runs`` keeps the checkpoints
+of the newest few runs only.
 """
 
 from __future__ import annotations
@@ -152,6 +153,30 @@ def save_checkpoint(
     for expired in checkpoints(directory)[:-keep_last]:
         shutil.rmtree(expired)
     return final
+
+
+def prune_other_runs(run_root: Path, current: str, keep_runs: int) -> list[Path]:
+    """Delete the checkpoints of every run under ``run_root`` (``<run id>/checkpoints/``)
+    but ``current`` and the ``keep_runs - 1`` others whose newest checkpoint is the most
+    recent; their metrics, logs and plots stay. A volume that many runs share in turn
+    (a deployment restarting into new runs) stays bounded.
+
+    Returns:
+        The checkpoint folders deleted.
+    """
+    if keep_runs < 1:
+        raise ValueError(f"keep_runs must be >= 1, got {keep_runs}")
+    others = []
+    for run in run_root.iterdir() if run_root.is_dir() else ():
+        newest = latest_checkpoint(run / "checkpoints")
+        if run.name != current and newest is not None:
+            others.append((newest.stat().st_mtime, run / "checkpoints"))
+    others.sort(reverse=True)
+    expired = [folder for _, folder in others[keep_runs - 1 :]]
+    for folder in expired:
+        for checkpoint in checkpoints(folder):
+            shutil.rmtree(checkpoint)
+    return expired
 
 
 def load_checkpoint(

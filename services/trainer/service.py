@@ -68,7 +68,7 @@ from hapo.transport.streams import (
     ensure_group,
 )
 from services.trainer import resume
-from services.trainer.checkpoint import save_checkpoint
+from services.trainer.checkpoint import prune_other_runs, save_checkpoint
 from services.trainer.control import RunControl, RunState
 from services.trainer.groups import GroupAssembler
 from services.trainer.learners import Learner, make_learner
@@ -384,3 +384,8 @@ class TrainerService:
         self.checkpointed_step = self.step
         await self.consumer.commit(acks=list(self.unacked.values()))
         self.unacked = {}
+        if (keep_runs := self.config.trainer.checkpoint_keep_runs) is not None:
+            root = Path(self.config.trainer.run_dir).expanduser()
+            for folder in await asyncio.to_thread(prune_other_runs, root, self.run_id, keep_runs):
+                logger.info("checkpoints of run %s deleted (trainer.checkpoint_keep_runs %d)",
+                            folder.parent.name, keep_runs)  # fmt: skip

@@ -23,7 +23,7 @@ import yaml
 from typer.exceptions import TyperException
 
 from entrypoints.cli import app
-from hapo.config import ConfigError, load_config
+from hapo.config import ConfigError, HapoConfig, load_config
 from tests.deploy.conftest import (
     KUSTOMIZATIONS,
     REPO,
@@ -169,7 +169,7 @@ def split_args(rest: list[str]) -> tuple[str | None, list[str]]:
     return config_file, overrides
 
 
-def check_config(case: Case, tmp_path: Path) -> None:
+def check_config(case: Case, tmp_path: Path) -> HapoConfig:
     """The config the container would load: its file (by container path), env, overrides."""
     _, rest = subcommand(case.argv) if case.argv[1] != "trainer" else (["trainer"], case.argv[2:])
     config_file, overrides = split_args(list(rest))
@@ -178,7 +178,7 @@ def check_config(case: Case, tmp_path: Path) -> None:
         assert config_file in case.files, f"{config_file} is not mounted in {case.where}"
         local = tmp_path / "config.yaml"
         local.write_text(case.files[config_file])
-    load_config(local, overrides, environ=case.env)
+    return load_config(local, overrides, environ=case.env)
 
 
 def distinct_commands() -> list[Any]:
@@ -229,3 +229,26 @@ def test_checks_reject_wrong_commands_flags_overrides_and_env(tmp_path: Path) ->
     ):
         with pytest.raises((ConfigError, AssertionError)):
             check_config(broken, tmp_path)
+
+
+def test_every_shipped_trainer_resumes_its_run_when_restarted(tmp_path: Path) -> None:
+    """A fixed run id (a restart resumes it from its checkpoint, never a fresh run from base
+    weights), checkpoints of a bounded number of runs on the shared volume; the long-lived
+    trainers keep serving after their run (a restart of a finished run does not loop), the
+    RayJob's ends with it (KubeRay retries a failed job: ``backoffLimit``)."""
+    trainers = [case for case in CASES if case.argv[1] == "trainer"]
+    assert len(trainers) == 5  # compose gpu and cpu; k8s cpu, gpu-single pods; gpu RayJob
+    for case in trainers:
+        trainer = check_config(case, tmp_path).trainer
+        assert trainer.run_id is not None, case.where
+        assert trainer.checkpoint_keep_runs is not None, case.where
+        assert trainer.exit_after_run is (":RayJob/" in case.where), case.where
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    for name in ("trainer", "trainer-cpu"):
+        assert compose["services"][name]["restart"] == "unless-stopped"
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "k8s"
+        shutil.copytree(REPO / "deploy/k8s", root, ignore=shutil.ignore_patterns(*SECRET_FILES))
+        write_user_secrets(root)
+        (rayjob,) = [o for o in render(root / "overlays/gpu") if o["kind"] == "RayJob"]
+    assert rayjob["spec"]["backoffLimit"] >= 1

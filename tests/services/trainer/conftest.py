@@ -28,10 +28,11 @@ TOKEN = "trainer-test-token"
 
 
 class TrainerServer:
-    """``services.trainer.api.serve`` in a background thread with its own event loop."""
+    """``services.trainer.api.serve`` in a background thread with its own event loop (with
+    ``start_run``, as ``hapo trainer`` runs it: a run of its config starts at once)."""
 
-    def __init__(self, config: HapoConfig) -> None:
-        self.config = config
+    def __init__(self, config: HapoConfig, start_run: bool = False) -> None:
+        self.config, self.start_run = config, start_run
         self.url = f"http://{config.api.host}:{config.api.port}"
         self.exit_code: int | None = None
         self._started = threading.Event()
@@ -41,7 +42,7 @@ class TrainerServer:
         async def main() -> None:
             self.loop, self.stop = asyncio.get_running_loop(), asyncio.Event()
             self._started.set()
-            self.exit_code = await serve(self.config, self.stop, start_run=False)
+            self.exit_code = await serve(self.config, self.stop, start_run=self.start_run)
 
         asyncio.run(main())
 

@@ -3,6 +3,7 @@ keep-last-k; a checkpoint folder is a model folder that transformers and vLLM lo
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -16,7 +17,12 @@ from hapo.config import load_config
 from hapo.inference.engine import build_engine
 from hapo.training.learner import make_optimizer
 from services.trainer import checkpoint
-from services.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from services.trainer.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    prune_other_runs,
+    save_checkpoint,
+)
 from tests.helpers import tiny_llama
 from tests.services.rollout.conftest import tiny_config
 
@@ -84,6 +90,34 @@ def test_keep_last_and_replace(tmp_path: Path) -> None:
     assert latest_checkpoint(tmp_path / "missing") is None
     with pytest.raises(ValueError, match="keep_last"):
         save_checkpoint(tmp_path, 11, model, optimizer, scheduler, keep_last=0)
+
+
+def test_only_the_newest_runs_keep_their_checkpoints(tmp_path: Path) -> None:
+    model, optimizer, scheduler = _trainer()
+    for age, run in enumerate(["old", "middle", "new", "current"]):
+        folder = tmp_path / run / "checkpoints"
+        for step in (1, 2):
+            path = save_checkpoint(folder, step, model, optimizer, scheduler, keep_last=2)
+            os.utime(path, (1_000_000 + age * 10 + step,) * 2)  # the newest checkpoint's time
+        (tmp_path / run / "metrics.jsonl").write_text("{}\n")
+    os.utime(tmp_path / "current/checkpoints/step_00000002", (0, 0))  # the oldest, kept anyway
+    (tmp_path / "no-checkpoints").mkdir()
+
+    deleted = prune_other_runs(tmp_path, current="current", keep_runs=3)
+    assert deleted == [tmp_path / "old" / "checkpoints"]
+    kept = {run.name for run in tmp_path.iterdir() if latest_checkpoint(run / "checkpoints")}
+    assert kept == {"middle", "new", "current"}
+    assert (tmp_path / "old" / "metrics.jsonl").exists()  # only checkpoints go
+    assert prune_other_runs(tmp_path, current="current", keep_runs=1) == [
+        tmp_path / "new" / "checkpoints",
+        tmp_path / "middle" / "checkpoints",
+    ]
+    assert [run.name for run in tmp_path.iterdir() if latest_checkpoint(run / "checkpoints")] == [
+        "current"
+    ]
+    assert prune_other_runs(tmp_path / "missing", current="x", keep_runs=1) == []
+    with pytest.raises(ValueError, match="keep_runs"):
+        prune_other_runs(tmp_path, current="current", keep_runs=0)
 
 
 def test_crash_mid_save_leaves_the_previous_checkpoint(
