@@ -52,13 +52,17 @@ def gsm8k_style(rng: random.Random, index: int) -> tuple[str, str]:
     return text, str(total)
 
 
+RUN_ID = "bench"
+"""Run id of the benchmark's trajectories: its scores go to ``<prefix>:scored:bench``."""
+
+
 def make_trajectories(tokenizer: Tokenizer, count: int, seed: int) -> list[Trajectory]:
     rng = random.Random(seed)
     cases = [gsm8k_style(rng, i) for i in range(count)]
     encodings = tokenizer.encode_batch([text for text, _ in cases])
     return [
         Trajectory(
-            run_id="bench",
+            run_id=RUN_ID,
             group_id=f"g{i // 16}",
             sample_idx=i % 16,
             n=16,
@@ -134,23 +138,23 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{args.workers} workers starting; {args.count} trajectories ready", flush=True)
         warm = make_trajectories(tokenizer, 64 * args.workers, args.seed + 1)
         _publish(runner, publisher, names.trajectories, warm)  # spawn scorers, import math-verify
-        _wait_scored(client, names.scored, len(warm), 120)
-        client.delete(names.scored)
+        _wait_scored(client, names.scored(RUN_ID), len(warm), 120)
+        client.delete(names.scored(RUN_ID))
 
         started = time.time()
         _publish(runner, publisher, names.trajectories, trajectories)
-        _wait_scored(client, names.scored, args.count, 600)
-        burst = _scored(client, names.scored)
+        _wait_scored(client, names.scored(RUN_ID), args.count, 600)
+        burst = _scored(client, names.scored(RUN_ID))
         scored_per_s = args.count / (max(m.scored_at for m in burst) - started)
         print(f"burst: {scored_per_s:.0f} scored/s", flush=True)
-        client.delete(names.scored)
+        client.delete(names.scored(RUN_ID))
 
         chunk = 50
         for start in range(0, args.count, chunk):
             _publish(runner, publisher, names.trajectories, trajectories[start : start + chunk])
             time.sleep(chunk / (0.75 * scored_per_s))
-        _wait_scored(client, names.scored, args.count, 600)
-        paced = _scored(client, names.scored)
+        _wait_scored(client, names.scored(RUN_ID), args.count, 600)
+        paced = _scored(client, names.scored(RUN_ID))
         latencies_ms = [(m.scored_at - m.created_at) * 1e3 for m in paced]
         p50, p99 = np.percentile(latencies_ms, [50, 99])
         created = [m.created_at for m in paced]

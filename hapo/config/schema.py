@@ -22,6 +22,8 @@ from pydantic import (
 
 ENV_PREFIX = "HAPO_"
 
+RUN_ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+"""What a run id looks like: it names a folder and Redis keys (``<prefix>:scored:<run id>``)."""
 MIN_API_TOKEN_CHARS = 16
 """Shortest ``api.token`` accepted: an empty or short token opens the admin APIs to
 anyone who guesses it."""
@@ -264,7 +266,7 @@ class TrainerConfig(_Section):
     their volume is shared by every run they ever make)."""
     checkpoint_every: int = Field(10, ge=1)
     """Steps between checkpoints (the last step is always saved)."""
-    run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    run_id: str | None = Field(None, pattern=RUN_ID_PATTERN)
     """Name of the run (default: a new one)."""
     rollout_urls: list[str] = ["http://127.0.0.1:8001"]
     """Rollout replicas to push weights to (their HTTP base URLs)."""

@@ -25,6 +25,8 @@ from pydantic import (
     model_validator,
 )
 
+from hapo.config import RUN_ID_PATTERN
+
 
 class MalformedMessage(ValueError):
     """A stream entry that cannot be decoded or validated; the message says why."""
@@ -151,7 +153,7 @@ class SamplingSettings(BaseModel):
 class PromptGroup(_Message):
     """One prompt to sample ``n`` times (``hapo:prompts``)."""
 
-    run_id: str = Field(min_length=1, max_length=128)
+    run_id: str = Field(pattern=RUN_ID_PATTERN)
     """Training run this prompt belongs to."""
     group_id: str = Field(min_length=1, max_length=128)
     """Unique id of the prompt group within the run."""
@@ -172,7 +174,7 @@ class PromptGroup(_Message):
 class Trajectory(_Message):
     """One finished sample (``hapo:trajectories``)."""
 
-    run_id: str = Field(min_length=1, max_length=128)
+    run_id: str = Field(pattern=RUN_ID_PATTERN)
     """Training run."""
     group_id: str = Field(min_length=1, max_length=128)
     """Prompt group."""
@@ -235,7 +237,7 @@ class Trajectory(_Message):
 
 
 class ScoredTrajectory(Trajectory):
-    """A trajectory with its reward (``hapo:scored``)."""
+    """A trajectory with its reward (``hapo:scored:<run id>``)."""
 
     reward: float = Field(allow_inf_nan=False)
     """Scalar outcome reward: finite (a NaN or infinite reward from a custom scorer is

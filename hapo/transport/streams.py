@@ -41,7 +41,8 @@ When retries run out (Redis down for minutes), ``run_until_stopped`` logs, waits
 the service's loop over; uncommitted entries are still pending and come back. An entry
 that cannot be decoded goes to the dead-letter stream with the reason. Streams are
 trimmed only below the oldest entry some consumer group still needs (``trim_acknowledged``:
-the rollout trims ``prompts``, the reward worker ``trajectories`` and ``scored``); the
+the rollout trims ``prompts``, the reward worker ``trajectories``, the trainer its run's
+``scored`` stream); the
 dead-letter stream, which no group reads, keeps about its newest ``dead_maxlen`` entries.
 
 6. Poison entries. An entry that kills whoever processes it would come back for ever (a
@@ -163,9 +164,10 @@ class StreamNames:
     def trajectories(self) -> str:
         return f"{self.prefix}:trajectories"
 
-    @property
-    def scored(self) -> str:
-        return f"{self.prefix}:scored"
+    def scored(self, run_id: str) -> str:
+        """Run ``run_id``'s scored samples: each run reads its own stream, so that runs one
+        after another (or a run resumed after another) never take each other's samples."""
+        return f"{self.prefix}:scored:{run_id}"
 
     @property
     def dead(self) -> str:

@@ -4,7 +4,8 @@
 
 Reads ``<prefix>:trajectories`` in the ``reward`` consumer group, decodes each response
 with the model's tokenizer, scores it in a child process under a time limit, and
-publishes to ``<prefix>:scored`` in the same transaction that acknowledges the input.
+publishes to its run's ``<prefix>:scored:<run id>`` in the same transaction that
+acknowledges the input.
 Malformed entries go to ``<prefix>:dead`` with the reason. Several workers share the
 group; a dead worker's pending entries are taken over after ``reward.reclaim_idle_s``.
 """
@@ -24,12 +25,10 @@ from hapo.scoring.sandbox import ScoreItem, ScoringSandbox
 from hapo.transport.messages import MalformedMessage, ScoredTrajectory, Trajectory
 from hapo.transport.streams import (
     REWARD_GROUP,
-    TRAINER_GROUP,
     Entry,
     StreamConsumer,
     StreamNames,
     connect,
-    ensure_group,
     run_until_stopped,
     trim_acknowledged,
 )
@@ -89,7 +88,6 @@ class RewardWorker:
     async def run(self, stop: asyncio.Event) -> None:
         """Score batches until ``stop`` is set; the batch in hand is finished first."""
         await self.consumer.start()
-        await ensure_group(self.client, self.names.scored, TRAINER_GROUP)
         self.sandbox.start()
         self._next_trim = time.monotonic() + _TRIM_INTERVAL_S
         try:
@@ -106,10 +104,9 @@ class RewardWorker:
         if entries:
             await self.process(entries)
         if time.monotonic() >= self._next_trim:
-            # Its input, and its output below what the trainer has acknowledged (the
-            # trainer acknowledges at checkpoints; Redis's memory is bounded).
+            # Its input (each trainer trims its run's scored stream, which it acknowledges
+            # at checkpoints).
             await trim_acknowledged(self.client, self.names.trajectories)
-            await trim_acknowledged(self.client, self.names.scored)
             self._next_trim = time.monotonic() + _TRIM_INTERVAL_S
 
     async def process(self, entries: list[Entry]) -> None:
@@ -144,7 +141,7 @@ class RewardWorker:
         for (entry, trajectory, _), score in zip(ready, scores, strict=True):
             try:  # e.g. a custom scorer's Score whose reward is not a number
                 message = ScoredTrajectory.from_trajectory(trajectory, score.reward, score.reason)
-                outputs.append((self.names.scored, message.to_bytes()))
+                outputs.append((self.names.scored(message.run_id), message.to_bytes()))
                 scored.append(message)
             except Exception as exc:
                 rejected.append((entry, _failure("scoring failed", exc)))

@@ -19,9 +19,9 @@
 - ``metrics.jsonl`` loses the lines of the steps after the checkpoint; they are trained and
   logged again, each line naming its groups (``data/group_ids``).
 
-Limit: the trainer consumer group is shared by runs; a different run reading while this
-one is down acknowledges this run's entries as foreign, so resume stays exact only if the
-killed run is restarted before another run starts.
+Each run reads its own scored stream (``<prefix>:scored:<run id>``): a run started while
+this one is down never sees, claims or acknowledges its entries, so resume stays exact
+whatever ran in between.
 """
 
 from __future__ import annotations

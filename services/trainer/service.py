@@ -3,15 +3,16 @@
     hapo trainer [--config FILE] [key=value ...]
 
 Per step: make sure the prompt groups of the steps up to ``max_staleness`` ahead are
-queued on ``<prefix>:prompts``; read ``<prefix>:scored`` until ``data.train_batch_size``
-complete groups are in; run ``hapo.training.learner.learner_step`` (behaviour correction
-and the staleness bound included, docs/design.md decision 5); push the new weights with
-the step's ``norm_entropys`` to every rollout replica, which samples those weights with
-those statistics (decision 6); append one JSON line to ``run_dir/<run id>/metrics.jsonl``
+queued on ``<prefix>:prompts``; read the run's own ``<prefix>:scored:<run id>`` until
+``data.train_batch_size`` complete groups are in; run
+``hapo.training.learner.learner_step`` (behaviour correction and the staleness bound
+included, docs/design.md decision 5); push the new weights with the step's
+``norm_entropys`` to every rollout replica, which samples those weights with those
+statistics (decision 6); append one JSON line to ``run_dir/<run id>/metrics.jsonl``
 (with the ids of the groups trained) and update the Prometheus metrics; checkpoint every
 ``trainer.checkpoint_every`` steps. A group that cannot complete (its prompt or a sample
-dead-lettered on the way) is abandoned after ``trainer.group_timeout_s`` and a replacement
-issued (docs/design.md section 4, "Abandoned groups"). When the run ends, plots and
+dead-lettered on the way) is abandoned after ``trainer.group_timeout_s`` and a
+replacement issued (docs/design.md section 4, "Abandoned groups"). When the run ends, plots and
 ``summary.md`` go next to the metrics (``hapo.report``).
 
 Resume is exact (details in ``services.trainer.resume``): a step's scored entries are
@@ -66,6 +67,7 @@ from hapo.transport.streams import (
     StreamPublisher,
     connect,
     ensure_group,
+    trim_acknowledged,
 )
 from services.trainer import resume
 from services.trainer.checkpoint import prune_other_runs, save_checkpoint
@@ -108,7 +110,8 @@ class TrainerService:
         self.names = StreamNames(config.redis.stream_prefix)
         self.client = connect(config.redis.url, config.redis.password)
         self.consumer = StreamConsumer(
-            self.client, self.names.scored, TRAINER_GROUP, f"trainer-{self.run_id}",
+            self.client, self.names.scored(self.run_id), TRAINER_GROUP,
+            f"trainer-{self.run_id}",
             dead_stream=self.names.dead, max_deliveries=config.trainer.max_deliveries,
             dead_maxlen=config.redis.dead_maxlen,
         )  # fmt: skip
@@ -384,6 +387,7 @@ class TrainerService:
         self.checkpointed_step = self.step
         await self.consumer.commit(acks=list(self.unacked.values()))
         self.unacked = {}
+        await trim_acknowledged(self.client, self.consumer.stream)  # Redis stays bounded
         if (keep_runs := self.config.trainer.checkpoint_keep_runs) is not None:
             root = Path(self.config.trainer.run_dir).expanduser()
             for folder in await asyncio.to_thread(prune_other_runs, root, self.run_id, keep_runs):

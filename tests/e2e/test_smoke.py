@@ -44,7 +44,7 @@ def _assert_statistics_travel_with_their_weights(names: StreamNames, lines: list
     try:
         samples = [
             ScoredTrajectory.from_bytes(fields[DATA_FIELD])
-            for _, fields in client.xrange(names.scored)
+            for _, fields in client.xrange(names.scored("smoke"))
         ]
     finally:
         client.close()
@@ -86,7 +86,7 @@ def test_three_training_steps_through_every_service(
     # A group that never reads keeps every scored sample for the checks below: the reward
     # worker trims the stream below what every group has acknowledged.
     audit = redis.Redis.from_url(load_config().redis.url)
-    audit.xgroup_create(stream_names.scored, "audit", id="0", mkstream=True)
+    audit.xgroup_create(stream_names.scored("smoke"), "audit", id="0", mkstream=True)
     audit.close()
     processes = {}
     try:

@@ -69,9 +69,15 @@ async def test_commit_publishes_acknowledges_and_dead_letters(
     ids = await _fill(redis_client, stream_names.trajectories, 5)
     first = await consumer.read()
     assert [e.id for e in first] == ids[:3]
-    outputs = [(stream_names.scored, b"out-1"), (stream_names.scored, b"out-2")]
+    outputs = [
+        (stream_names.scored("run-1"), b"out-1"),
+        (stream_names.scored("run-1"), b"out-2"),
+    ]
     await consumer.commit(outputs=outputs, acks=first[1:], dead=[(first[0], "bad payload")])
-    assert await _payloads(redis_client, stream_names.scored) == [b"out-1", b"out-2"]
+    assert await _payloads(redis_client, stream_names.scored("run-1")) == [
+        b"out-1",
+        b"out-2",
+    ]
     second = await consumer.read()
     assert [e.id for e in second] == ids[3:]
     assert await consumer.read() == []  # blocks 100 ms, nothing new
@@ -111,16 +117,16 @@ async def test_a_failed_commit_publishes_and_acknowledges_nothing(
         entries = await consumer.read()
         assert [e.id for e in entries] == ids
         commit = dict(
-            outputs=[(names.scored, b"out")], acks=entries[1:], dead=[(entries[0], "bad")]
+            outputs=[(names.scored("run-1"), b"out")], acks=entries[1:], dead=[(entries[0], "bad")]
         )
         with pytest.raises(ResponseError):
             await consumer.commit(**commit)
-        assert await admin.exists(names.scored, names.dead) == 0
+        assert await admin.exists(names.scored("run-1"), names.dead) == 0
         assert (await admin.xpending(stream, "reward"))["pending"] == 2
 
         # The same commit by a user that may acknowledge goes through, all of it.
         await StreamConsumer(admin, stream, "reward", "c", dead_stream=names.dead).commit(**commit)
-        assert await _payloads(admin, names.scored) == [b"out"]
+        assert await _payloads(admin, names.scored("run-1")) == [b"out"]
         assert await admin.xlen(names.dead) == 1
         assert (await admin.xpending(stream, "reward"))["pending"] == 0
     finally:
@@ -254,16 +260,26 @@ async def test_own_replay_pages_forward_while_entries_stay_pending(
     redis_client: aioredis.Redis, stream_names: StreamNames
 ) -> None:
     first = StreamConsumer(
-        redis_client, stream_names.scored, "trainer", "run-1", batch_size=2, block_ms=100
+        redis_client,
+        stream_names.scored("run-1"),
+        "trainer",
+        "run-1",
+        batch_size=2,
+        block_ms=100,
     )
     await first.start()
-    ids = await _fill(redis_client, stream_names.scored, 5)
+    ids = await _fill(redis_client, stream_names.scored("run-1"), 5)
     seen = []
     while len(seen) < 5:
         seen += [e.id for e in await first.read()]
     # Restarted, it holds everything pending (acknowledges nothing) and still gets each entry once.
     restarted = StreamConsumer(
-        redis_client, stream_names.scored, "trainer", "run-1", batch_size=2, block_ms=100
+        redis_client,
+        stream_names.scored("run-1"),
+        "trainer",
+        "run-1",
+        batch_size=2,
+        block_ms=100,
     )
     replayed = [e.id for _ in range(3) for e in await restarted.read()]
     assert replayed == ids
@@ -334,7 +350,7 @@ async def test_holding_an_entry_counts_no_delivery(
     """An entry the consumer keeps (the trainer until a checkpoint) comes back to it by
     XAUTOCLAIM once idle, and by replays after a Redis failure: neither is a failed
     delivery, however often, and its count stays what it was."""
-    stream, dead = stream_names.scored, stream_names.dead
+    stream, dead = stream_names.scored("run-1"), stream_names.dead
     consumer = StreamConsumer(
         redis_client, stream, "trainer", "trainer-run", block_ms=100, reclaim_idle_ms=50,
         dead_stream=dead, max_deliveries=1,

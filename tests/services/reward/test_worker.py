@@ -25,6 +25,7 @@ from hapo.transport.streams import StreamNames
 from tests.helpers import free_port, wait_for
 
 HAPO = str(Path(sys.executable).with_name("hapo"))
+RUN_ID = "test"
 
 
 @pytest.fixture
@@ -78,7 +79,7 @@ def consumer_names(client: redis.Redis, stream: str) -> set[str]:
 def trajectory(tokenizer: Tokenizer, group: int, sample: int, text: str, answer: str) -> Trajectory:
     ids = np.array(tokenizer.encode(text).ids, dtype=np.int32)
     return Trajectory(
-        run_id="test", group_id=f"g{group}", sample_idx=sample, n=8, policy_version=0, policy_version_end=0,
+        run_id=RUN_ID, group_id=f"g{group}", sample_idx=sample, n=8, policy_version=0, policy_version_end=0,
         prompt_ids=np.arange(4), response_ids=ids, logprobs=np.full(len(ids), -0.5), finish_reason="stop",
         answer=answer,
     )  # fmt: skip
@@ -86,7 +87,8 @@ def trajectory(tokenizer: Tokenizer, group: int, sample: int, text: str, answer:
 
 def scored(client: redis.Redis, names: StreamNames) -> list[ScoredTrajectory]:
     return [
-        ScoredTrajectory.from_bytes(fields[DATA_FIELD]) for _, fields in client.xrange(names.scored)
+        ScoredTrajectory.from_bytes(fields[DATA_FIELD])
+        for _, fields in client.xrange(names.scored(RUN_ID))
     ]
 
 
@@ -106,7 +108,9 @@ def test_scores_dead_letters_and_reports(client, tokenizer, start_worker, stream
     client.xadd(stream_names.trajectories, {b"wrong": b"field"})
 
     wait_for(
-        lambda: client.xlen(stream_names.scored) >= 21 and client.xlen(stream_names.dead) >= 2,
+        lambda: (
+            client.xlen(stream_names.scored(RUN_ID)) >= 21 and client.xlen(stream_names.dead) >= 2
+        ),
         60,
         "scores",
     )
@@ -165,7 +169,7 @@ def test_sigkill_mid_batch_loses_nothing(client, tokenizer, start_worker, stream
             c["name"]: c["pending"]
             for c in client.xinfo_consumers(stream_names.trajectories, "reward")
         }
-        return pending[b"victim"] > 0 and client.xlen(stream_names.scored) > 32
+        return pending[b"victim"] > 0 and client.xlen(stream_names.scored(RUN_ID)) > 32
 
     wait_for(victim_mid_batch, 60, "the victim to hold a batch")
     victim.send_signal(signal.SIGKILL)
@@ -226,33 +230,31 @@ def test_one_bad_trajectory_is_dead_lettered_and_the_worker_goes_on(
     assert "reward" in letters[ids[4]]
     assert letters[ids[5]].startswith("scoring failed: ValidationError")
     assert "reward" in letters[ids[5]] and "finite" in letters[ids[5]]
-    wait_for(lambda: client.xlen(stream_names.scored) >= 3, 60, "the good ones")
+    wait_for(lambda: client.xlen(stream_names.scored(RUN_ID)) >= 3, 60, "the good ones")
     assert {m.sample_idx for m in scored(client, stream_names)} == {0, 1, 2}
 
     later = trajectory(tokenizer, 1, 0, "later", "1")  # the worker is still at work
     client.xadd(stream_names.trajectories, {DATA_FIELD: later.to_bytes()})
-    wait_for(lambda: client.xlen(stream_names.scored) >= 4, 60, "a later batch")
+    wait_for(lambda: client.xlen(stream_names.scored(RUN_ID)) >= 4, 60, "a later batch")
     assert worker.poll() is None
     assert client.xpending(stream_names.trajectories, "reward")["pending"] == 0
 
 
 @pytest.mark.slow
-def test_streams_are_trimmed_below_what_every_reader_acknowledged(
+def test_input_is_trimmed_and_each_runs_scores_go_to_its_own_stream(
     client, tokenizer, start_worker, stream_names
 ) -> None:
-    """The worker trims its input, and its output once the trainer's group has
-    acknowledged it: a run of days keeps Redis's memory bounded."""
+    """The worker trims its input once scored (a run of days keeps Redis's memory bounded)
+    and publishes each score to its run's stream, which that run's trainer reads and trims
+    (tests/services/trainer/test_resume.py): runs never see each other's samples."""
     start_worker("w", "reward.http_port=0")
     for i in range(4):
         message = trajectory(tokenizer, 0, i, f"so {i}", str(i))
+        if i == 3:
+            message = message.model_copy(update={"run_id": "other-run"})
         client.xadd(stream_names.trajectories, {DATA_FIELD: message.to_bytes()})
-    wait_for(lambda: client.xlen(stream_names.scored) == 4, 60, "the scores")
+    wait_for(lambda: client.xlen(stream_names.scored(RUN_ID)) == 3, 60, "the scores")
     wait_for(lambda: client.xlen(stream_names.trajectories) == 0, 60, "the input trimmed")
-    # Unread by the trainer's group: kept. Read but not acknowledged: kept.
-    assert client.xlen(stream_names.scored) == 4
-    ((_, entries),) = client.xreadgroup("trainer", "t", {stream_names.scored: ">"}, count=3)
-    assert client.xlen(stream_names.scored) == 4
-    client.xack(stream_names.scored, "trainer", *[entry_id for entry_id, _ in entries])
-    wait_for(lambda: client.xlen(stream_names.scored) == 1, 60, "the acknowledged scores trimmed")
-    ((last, _),) = client.xrange(stream_names.scored)
-    assert last not in {entry_id for entry_id, _ in entries}
+    assert {m.sample_idx for m in scored(client, stream_names)} == {0, 1, 2}
+    ((_, fields),) = client.xrange(stream_names.scored("other-run"))
+    assert ScoredTrajectory.from_bytes(fields[DATA_FIELD]).sample_idx == 3

@@ -147,7 +147,7 @@ class ScoredFeeder:
         pipe = self.client.pipeline()
         for sample in self.samples(group):
             if (group.group_id, sample.sample_idx) not in self.drop:
-                pipe.xadd(self.names.scored, {DATA_FIELD: sample.to_bytes()})
+                pipe.xadd(self.names.scored(group.run_id), {DATA_FIELD: sample.to_bytes()})
         pipe.execute()
 
     @staticmethod

@@ -47,7 +47,7 @@ def test_a_group_that_cannot_complete_is_abandoned_and_replaced(
             if group.group_id == "00000002"
         )  # fmt: skip
         late = ScoredFeeder.samples(group_2)[1]
-        client.xadd(stream_names.scored, {DATA_FIELD: late.to_bytes()})
+        client.xadd(stream_names.scored("abandon"), {DATA_FIELD: late.to_bytes()})
         feeder.limit = None
         assert trainer_api.request("POST", "/v1/runs/abandon/resume")[0] == 202
         wait_for(lambda: run()["state"] in ("finished", "failed", "stopped"), 120, "the end")
@@ -59,7 +59,7 @@ def test_a_group_that_cannot_complete_is_abandoned_and_replaced(
         assert lines[-1]["data/abandoned_groups"] == 1
         assert lines[-1]["data/duplicates"] >= 1  # the late sample, refused
         # Every entry, group 2's included, was acknowledged with the last checkpoint.
-        assert client.xpending(stream_names.scored, TRAINER_GROUP)["pending"] == 0
+        assert client.xpending(stream_names.scored("abandon"), TRAINER_GROUP)["pending"] == 0
         status, text = trainer_api.request("GET", "/metrics", token=None)
         assert "hapo_trainer_abandoned_groups 1.0" in text
     finally:

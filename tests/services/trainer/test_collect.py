@@ -26,8 +26,8 @@ def test_unusable_scored_entries_are_dead_lettered(
         logprobs=np.zeros(2), finish_reason="stop", answer="1", reward=1.0, reward_reason="x",
     )  # fmt: skip
     # Before the run starts, so that they come before group 1's real samples.
-    garbage = client.xadd(names.scored, {DATA_FIELD: b"\xc1 not msgpack"}).decode()
-    unknown_token = client.xadd(names.scored, {DATA_FIELD: outside.to_bytes()}).decode()
+    garbage = client.xadd(names.scored("intake"), {DATA_FIELD: b"\xc1 not msgpack"}).decode()
+    unknown_token = client.xadd(names.scored("intake"), {DATA_FIELD: outside.to_bytes()}).decode()
     try:
         overrides = ["trainer.run_id=intake", "trainer.total_steps=2"]
         status, body = trainer_api.request("POST", "/v1/runs", {"overrides": overrides})
@@ -49,7 +49,7 @@ def test_unusable_scored_entries_are_dead_lettered(
         )
         assert {letter.consumer for letter in letters.values()} == {"trainer-intake"}
         # Acknowledged with their dead letters; group 1 was trained on its real samples.
-        pending = client.xpending_range(names.scored, TRAINER_GROUP, "-", "+", 1000)
+        pending = client.xpending_range(names.scored("intake"), TRAINER_GROUP, "-", "+", 1000)
         assert not {p["message_id"].decode() for p in pending} & {garbage, unknown_token}
         lines = metrics_lines(tmp_path / "runs" / "intake" / "metrics.jsonl")
         assert "00000001" in trained_group_ids(lines)
