@@ -51,6 +51,7 @@ from hapo.data import chat_prompt_ids, problem_stream
 from hapo.report import write_report
 from hapo.training.learner import LearnerStepResult, make_optimizer
 from hapo.training.policy import build_batch, learner_device
+from hapo.transport.lease import Lease
 from hapo.transport.messages import (
     AdaptiveTemperature,
     MalformedMessage,
@@ -79,6 +80,19 @@ from services.trainer.trackers import Trackers
 from services.trainer.weights import WeightPusher
 
 logger = logging.getLogger("hapo.trainer")
+
+
+LEASE_TTL_S = 30.0
+"""A trainer's claim on its stream prefix lapses this long after it died."""
+
+
+def lease_key(prefix: str) -> str:
+    """Redis key of the claim a run's trainer holds on the stream prefix."""
+    return f"{prefix}:trainer:lease"
+
+
+class StreamPrefixInUse(RuntimeError):
+    """Another run's trainer holds the stream prefix."""
 
 
 class TrainerService:
@@ -281,7 +295,36 @@ class TrainerService:
                 )
 
     async def run(self) -> None:
-        """Train until ``trainer.total_steps`` or a stop request (then checkpoint)."""
+        """Train until ``trainer.total_steps`` or a stop request (then checkpoint), holding
+        the claim on the stream prefix throughout.
+
+        Raises:
+            StreamPrefixInUse: another run's trainer holds the prefix.
+        """
+        lease = Lease(self.client, lease_key(self.names.prefix), self.run_id, LEASE_TTL_S)
+        try:
+            if (holder := await lease.acquire()) is not None:
+                raise StreamPrefixInUse(
+                    f"redis.stream_prefix {self.names.prefix!r} is in use by run {holder} (a "
+                    f"live trainer, or one that died less than {LEASE_TTL_S:.0f} s ago): runs "
+                    "at the same time need their own redis.stream_prefix, and their own "
+                    "rollout and reward replicas"
+                )
+            keeper = asyncio.create_task(lease.keep(self._lease_lost))
+            try:
+                await self._train()
+            finally:
+                keeper.cancel()
+                await lease.release()
+        finally:
+            await self.client.aclose()
+
+    def _lease_lost(self) -> None:
+        logger.error("run %s: another trainer took stream prefix %r while Redis was away; "
+                     "stopping", self.run_id, self.names.prefix)  # fmt: skip
+        self.control.request_stop()
+
+    async def _train(self) -> None:
         await self.consumer.start()
         await ensure_group(self.client, self.names.prompts, ROLLOUT_GROUP)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -341,7 +384,6 @@ class TrainerService:
                 await asyncio.to_thread(write_report, self.run_dir)
             except Exception:  # a plot must not fail the run
                 logger.exception("run %s: report not written", self.run_id)
-            await self.client.aclose()
 
     def _record(
         self,
