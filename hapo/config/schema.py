@@ -269,11 +269,18 @@ class TrainerConfig(_Section):
     run_id: str | None = Field(None, pattern=RUN_ID_PATTERN)
     """Name of the run (default: a new one)."""
     rollout_urls: list[str] = ["http://127.0.0.1:8001"]
-    """Rollout replicas to push weights to (their HTTP base URLs)."""
+    """Rollout replicas to push weights to (their HTTP base URLs; see
+    ``rollout_discovery``)."""
+    rollout_discovery: Literal["static", "dns"] = "static"
+    """How ``rollout_urls`` name the replicas: each URL is one replica (``static``), or each
+    URL's host is resolved before every push and each address is a replica (``dns``: a
+    Kubernetes headless Service's name resolves to every ready pod, so replicas that come
+    and go all get the weights)."""
     weight_sync_host: str = "127.0.0.1"
     """Address of this trainer that rollout replicas can reach for the weight rendezvous."""
     weight_sync_port: int = Field(29500, ge=1024, le=65000)
-    """First port of the weight-sync rendezvous; replica i uses this port + i."""
+    """First port of the weight-sync rendezvous: each replica's transfer group takes the
+    lowest port from this one up that no other open group holds."""
     weight_sync_timeout_s: float = Field(120.0, gt=0.0, le=3600.0)
     """A replica that does not answer a weight push in this time is reported and skipped."""
     max_deliveries: int = Field(10, ge=1, le=10_000)

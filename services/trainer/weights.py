@@ -8,7 +8,11 @@ available (the model is on the GPU, tensors go GPU to GPU), HAPO's gloo engine o
 from __future__ import annotations
 
 import logging
+import socket
 import time
+from collections.abc import Callable, Sequence
+from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import torch
@@ -33,15 +37,45 @@ _HEALTH_TIMEOUT_S = 2.0
 _ROLLOUT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
+def rollout_replicas(
+    urls: Sequence[str],
+    discovery: str,
+    resolve: Callable[..., list[tuple[Any, ...]]] = socket.getaddrinfo,
+) -> list[str]:
+    """The replicas' base URLs (``trainer.rollout_discovery``): ``urls`` themselves
+    (``static``), or one URL per address each URL's host resolves to (``dns``; IPv6 in
+    brackets). A name that does not resolve (no replica is ready) gives none. Duplicates
+    are dropped, order kept."""
+    if discovery == "static":
+        return list(dict.fromkeys(urls))
+    replicas = []
+    for url in urls:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            addresses = resolve(parts.hostname, port, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            logger.warning("rollout replicas: %s does not resolve (%s)", parts.hostname, exc)
+            continue
+        for family, *_, address in addresses:
+            host = f"[{address[0]}]" if family == socket.AF_INET6 else address[0]
+            replicas.append(f"{parts.scheme}://{host}:{port}{parts.path}")
+    return list(dict.fromkeys(replicas))
+
+
 class WeightPusher:
-    """Sends ``model``'s weights to every replica of ``trainer.rollout_urls`` (none: a
-    no-op); a replica that fails or times out is logged and skipped for that push, and
-    its transfer group is set up again at the next push."""
+    """Sends ``model``'s weights to every replica (``rollout_replicas`` of
+    ``trainer.rollout_urls``, found again before each push; none: a no-op); a replica that
+    fails or times out is logged and skipped for that push, and its transfer group is set
+    up again at the next push; a replica that is gone has its group closed."""
 
     def __init__(self, config: HapoConfig, model: nn.Module) -> None:
         self.config, self.model = config, model
         self.backend = weight_transfer_backend(config)
         self.senders: dict[str, tuple[RolloutWeightSyncClient, TrainerWeightTransferEngine]] = {}
+        self.ports: dict[str, int] = {}
+        """The rendezvous port of each replica's open group (``trainer.weight_sync_port``
+        and up, each held by one group)."""
 
     def _connect(
         self, url: str, port: int
@@ -83,7 +117,6 @@ class WeightPusher:
     def _send(
         self,
         url: str,
-        port: int,
         policy_version: int,
         norm_entropys: tuple[float, float, float, float] | None,
     ) -> None:
@@ -92,7 +125,11 @@ class WeightPusher:
             # Opening a group waits for the replica's workers to join; one that is down
             # (restarting, not started yet) would hold the run for the whole timeout.
             httpx.get(f"{url}/healthz", timeout=_HEALTH_TIMEOUT_S).raise_for_status()
+            taken, port = set(self.ports.values()), self.config.trainer.weight_sync_port
+            while port in taken:
+                port += 1
             self.senders[url] = self._connect(url, port)
+            self.ports[url] = port
         client, sender = self.senders[url]
         # vLLM's NCCL engine finishes without a version: the client sends this one.
         client.weight_version = str(policy_version)
@@ -100,6 +137,7 @@ class WeightPusher:
         sender.send_weights()
 
     def _drop(self, url: str) -> None:
+        self.ports.pop(url, None)
         if failed := self.senders.pop(url, None):
             failed[0].close()
 
@@ -117,17 +155,20 @@ class WeightPusher:
         skipped until the next push."""
         trainer = self.config.trainer
         started = time.perf_counter()
-        for index, url in enumerate(trainer.rollout_urls):
-            port = trainer.weight_sync_port + index
+        replicas = rollout_replicas(trainer.rollout_urls, trainer.rollout_discovery)
+        for gone in set(self.senders) - set(replicas):
+            logger.info("rollout replica %s is gone; closing its weight transfer group", gone)
+            self._drop(gone)
+        for url in replicas:
             try:
                 try:
-                    self._send(url, port, policy_version, norm_entropys)
+                    self._send(url, policy_version, norm_entropys)
                 except Exception:
                     if url not in self.senders:
                         raise  # a new group failed: no retry
                     logger.warning("weight push to %s failed; retrying over a new group", url)
                     self._drop(url)
-                    self._send(url, port, policy_version, norm_entropys)
+                    self._send(url, policy_version, norm_entropys)
             except Exception:  # a replica's failure must not stop the run
                 logger.exception("weight push to %s failed; skipping it this step", url)
                 self._drop(url)

@@ -170,6 +170,12 @@ def test_service_containers_probe_healthz_and_readyz_on_their_port(
             assert liveness["httpGet"] == {"path": "/healthz", "port": "http"}
         assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
         env = {e["name"]: e.get("value") for e in container["env"]}
+        if service == "trainer":  # weights to every replica behind the headless Service
+            assert env["HAPO_TRAINER_ROLLOUT_URLS"] == "[http://rollout:8001]"
+            assert env["HAPO_TRAINER_ROLLOUT_DISCOVERY"] == "dns"
+            assert (
+                find(rendered[kustomization], "Service", "rollout")["spec"]["clusterIP"] == "None"
+            )
         assert env["HAPO_API_HOST"] == "0.0.0.0"
         assert env["HAPO_REDIS_URL"] == "redis://redis:6379/0"
         checked.add(service)
@@ -193,6 +199,9 @@ def test_gpu_overlays_give_rollout_and_trainer_gpus(
         worker = group["template"]["spec"]["containers"][0]
         assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1"
         assert "trainer.backend=ray" in rayjob["spec"]["entrypoint"].split()
+        head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+        head_env = {e["name"]: e.get("value") for e in head["containers"][0]["env"]}
+        assert head_env["HAPO_TRAINER_ROLLOUT_DISCOVERY"] == "dns"  # both rollout replicas
         assert not [
             o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "trainer"
         ]

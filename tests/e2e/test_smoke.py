@@ -69,22 +69,25 @@ def _assert_statistics_travel_with_their_weights(names: StreamNames, lines: list
 def test_three_training_steps_through_every_service(
     tiny_model_dir: Path, stream_names: StreamNames, tmp_path: Path
 ) -> None:
-    rollout_port, api_port = free_port(), free_port()
+    rollout_ports, api_port = (free_port(), free_port()), free_port()
     common = [f"model.path={tiny_model_dir}", f"redis.stream_prefix={stream_names.prefix}",
               "actor_rollout_ref.rollout.n=2", "data.train_batch_size=2",
               "actor_rollout_ref.actor.ppo_mini_batch_size=2", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
               "data.max_response_length=8", "rollout.dtype=float32"]  # fmt: skip
+    # Two rollout replicas sharing the prompts: every weight push must reach both.
+    urls = ",".join(f'"http://127.0.0.1:{port}"' for port in rollout_ports)
+    rollout = ["rollout", *common, "rollout.compile_entropy=false", "rollout.max_model_len=256"]
     commands = {
-        "rollout": ["rollout", *common, "rollout.compile_entropy=false", "rollout.max_model_len=256",
-                    f"rollout.http_port={rollout_port}"],
+        **{f"rollout{i}": [*rollout, f"rollout.http_port={port}"]
+           for i, port in enumerate(rollout_ports)},
         "reward": ["reward", *common, "reward.http_port=0"],
         "trainer": ["trainer", *common, "trainer.total_steps=3", "trainer.run_id=smoke",
-                    f"trainer.run_dir={tmp_path / 'runs'}", f"trainer.rollout_urls=[\"http://127.0.0.1:{rollout_port}\"]",
+                    f"trainer.run_dir={tmp_path / 'runs'}", f"trainer.rollout_urls=[{urls}]",
                     f"trainer.weight_sync_port={free_port()}", f"api.port={api_port}"],
     }  # fmt: skip
     env = {**os.environ, "HAPO_API_TOKEN": TOKEN}
-    # A group that never reads keeps every scored sample for the checks below: the reward
-    # worker trims the stream below what every group has acknowledged.
+    # A group that never reads keeps every scored sample for the checks below: the trainer
+    # trims its stream below what every group has acknowledged.
     audit = redis.Redis.from_url(load_config().redis.url)
     audit.xgroup_create(stream_names.scored("smoke"), "audit", id="0", mkstream=True)
     audit.close()
@@ -118,10 +121,9 @@ def test_three_training_steps_through_every_service(
                 "reward/mean",
             } <= set(line)
             assert line["perf/weight_sync_s"] > 0
-        readiness = json.loads(
-            urllib.request.urlopen(f"http://127.0.0.1:{rollout_port}/readyz").read()
-        )
-        assert readiness["policy_version"] == 3  # the rollout serves the trainer's newest weights
+        for port in rollout_ports:  # each replica serves the trainer's newest weights
+            readiness = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz").read())
+            assert readiness["policy_version"] == 3, port
         assert (
             tmp_path / "runs" / "smoke" / "checkpoints" / "step_00000003" / "model.safetensors"
         ).is_file()
