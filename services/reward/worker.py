@@ -45,6 +45,13 @@ def _failure(what: str, exc: BaseException) -> str:
     return f"{what}: {type(exc).__name__}" + (f": {text[:500]}" if text else "")
 
 
+def _check_vocabulary(ids: list[int], vocab: int) -> None:
+    """Raises ValueError naming the first id outside ``[0, vocab)``."""
+    if ids and not 0 <= min(ids) <= max(ids) < vocab:
+        bad = next(i for i in ids if not 0 <= i < vocab)
+        raise ValueError(f"token id {bad} is outside the tokenizer's vocabulary [0, {vocab})")
+
+
 def reward_function(config: HapoConfig) -> RewardFunction:
     """The configured reward, as the scorer child process will run it."""
     reward, overlong = config.reward, config.reward.overlong_buffer
@@ -150,14 +157,20 @@ class RewardWorker:
 
     def _decode(self, trajectories: list[Trajectory]) -> list[str | Exception]:
         """The response texts; a batch that fails is decoded one by one, so that only the
-        trajectory at fault gets its exception instead of a text."""
+        trajectory at fault gets its exception instead of a text. Ids outside the
+        tokenizer's vocabulary are an error too (it would decode them to nothing, and the
+        sample would be scored on text it does not hold)."""
+        vocab = self.tokenizer.get_vocab_size(with_added_tokens=True)
         batch = [trajectory.response_ids.tolist() for trajectory in trajectories]
         try:
+            for ids in batch:
+                _check_vocabulary(ids, vocab)
             return list(self.tokenizer.decode_batch(batch, skip_special_tokens=True))
         except Exception:
             texts: list[str | Exception] = []
             for ids in batch:
                 try:
+                    _check_vocabulary(ids, vocab)
                     texts.append(self.tokenizer.decode(ids, skip_special_tokens=True))
                 except Exception as exc:
                     texts.append(exc)

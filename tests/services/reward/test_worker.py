@@ -225,7 +225,10 @@ def test_one_bad_trajectory_is_dead_lettered_and_the_worker_goes_on(
         )
     }
     assert letters.keys() == {ids[3], ids[4], ids[5]}
-    assert letters[ids[3]].startswith("cannot decode the response's tokens: OverflowError")
+    assert letters[ids[3]] == (
+        "cannot decode the response's tokens: ValueError: token id -7 is outside the "
+        f"tokenizer's vocabulary [0, {tokenizer.get_vocab_size(with_added_tokens=True)})"
+    )
     assert letters[ids[4]].startswith("scoring failed: ValidationError")
     assert "reward" in letters[ids[4]]
     assert letters[ids[5]].startswith("scoring failed: ValidationError")
