@@ -57,6 +57,7 @@ class Benchmark(enum.StrEnum):
     mismatch = "mismatch"
     reward = "reward"
     rollout = "rollout"
+    soak = "soak"
     study = "study"
     trainer = "trainer"
     trl_compare = "trl_compare"
@@ -205,6 +206,8 @@ def bench(ctx: typer.Context, name: Benchmark) -> None:
             from benchmarks.reward import main
         case Benchmark.rollout:
             from benchmarks.rollout import main
+        case Benchmark.soak:
+            from benchmarks.soak import main
         case Benchmark.study:
             from benchmarks.study import main
         case Benchmark.trainer:
