@@ -62,7 +62,7 @@ class Stack:
     """The private Redis and the three services, as this process's children."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        self.args, self.out = args, Path(args.out)
+        self.args, self.out = args, Path(args.out).resolve()  # redis-server chdirs to its dir
         self.logs = self.out / "logs"
         self.redis_port, self.rollout_port = args.base_port, args.base_port + 1
         self.api_port, self.sync_port = args.base_port + 2, args.base_port + 10
