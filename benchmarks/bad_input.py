@@ -74,7 +74,8 @@ def bad_entries(run_id: str, vocab_size: int, max_model_len: int, tag: str) -> l
         BadEntry("prompts", f"prompt longer than the context ({max_model_len + 10} tokens)",
                  {DATA_FIELD: _repacked(
                      prompt, prompt_ids=_ids([5] * (max_model_len + 10)).tobytes())},
-                 r"rejected by the engine: .*(longer than|maximum)"),
+                 rf"prompt_ids: {max_model_len + 10} tokens, not below this replica's "
+                 rf"rollout.max_model_len \({max_model_len}\)"),
         BadEntry("trajectories", "schema: sample_idx = -1",
                  {DATA_FIELD: _repacked(trajectory.to_bytes(), sample_idx=-1)},
                  r"invalid Trajectory: sample_idx:"),

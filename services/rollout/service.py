@@ -95,6 +95,11 @@ def check_bounds(group: PromptGroup, config: HapoConfig) -> None:
             f"n: {group.n} samples per group, over this replica's rollout.max_n "
             f"({config.rollout.max_n})"
         )
+    if len(group.prompt_ids) >= config.rollout.max_model_len:  # no room for one new token
+        raise ValueError(
+            f"prompt_ids: {len(group.prompt_ids)} tokens, not below this replica's "
+            f"rollout.max_model_len ({config.rollout.max_model_len})"
+        )
     max_tokens = group.sampling.max_tokens
     if max_tokens > config.rollout.max_model_len:
         raise ValueError(
