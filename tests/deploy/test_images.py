@@ -63,6 +63,9 @@ def check_stage(instructions: list[tuple[str, str]]) -> None:
     assert ("ENTRYPOINT", '["hapo"]') in instructions, 'ENTRYPOINT ["hapo"]'
     (health,) = [a for k, a in instructions if k == "HEALTHCHECK"]
     assert "healthcheck.py" in health, "HEALTHCHECK runs healthcheck.py"
+    (listed,) = [a for k, a in instructions if k == "RUN" and "project_requirements.py" in a]
+    extras = listed.split("pyproject.toml", 1)[1].split(">", 1)[0].split()
+    assert "trackers" in extras, "installs the trackers extra (every trainer.logger works)"
 
 
 def test_both_targets_follow_the_image_rules() -> None:
