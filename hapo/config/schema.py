@@ -176,7 +176,8 @@ class RewardConfig(_Section):
     batch_size: int = Field(256, ge=1, le=10_000)
     """Trajectories read and scored per batch."""
     reclaim_idle_s: float = Field(30.0, gt=0.0, le=86_400.0)
-    """Pending trajectories of a worker silent this long are taken over."""
+    """Pending trajectories of a worker silent this long (it died) are taken over; a live
+    worker marks the batch it scores every third of this, however long it takes."""
     max_deliveries: int = Field(5, ge=1, le=10_000)
     """Deliveries of a trajectory without a commit (a worker died on it each time) after
     which it goes to ``<prefix>:dead`` with the reason instead of coming back for ever."""
@@ -225,7 +226,8 @@ class RolloutServiceConfig(_Section):
     http_port: int = Field(8001, ge=0, le=65535)
     """Port of health, metrics and weight-update endpoints (0 = none)."""
     reclaim_idle_s: float = Field(300.0, gt=0.0, le=86_400.0)
-    """Prompt groups pending this long at a silent replica are taken over."""
+    """Prompt groups pending this long at a silent replica (it died) are taken over; a live
+    replica marks the groups it generates every third of this, however long they take."""
     max_n: int = Field(64, ge=1, le=1024)
     """Most samples per prompt group this replica generates (at least
     ``actor_rollout_ref.rollout.n``); a group asking more goes to ``<prefix>:dead``, as does

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
 from hapo.transport.messages import MalformedMessage
@@ -88,6 +89,13 @@ class Consumer(ABC):
         """Give up ``entries`` without committing them (their processing failed): they stay
         pending and are delivered again later, a delivery that counts towards the limit
         after which an entry goes to the dead letters."""
+
+    @abstractmethod
+    def working_on(self, entries: Sequence[Entry]) -> AbstractAsyncContextManager[None]:
+        """A context in which ``entries`` (read, not yet committed) are marked as in
+        progress at this consumer, so that no other consumer takes them over however long
+        the work takes; one that dies stops marking them, and they are taken over as
+        usual."""
 
     @abstractmethod
     async def commit(

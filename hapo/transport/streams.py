@@ -59,9 +59,10 @@ dead-letter stream, which no group reads, keeps about its newest ``dead_maxlen``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
@@ -261,6 +262,43 @@ class StreamConsumer(Consumer):
         entries before anything new."""
         self._replaying_own = True
         self._own_cursor = "0"
+
+    @contextlib.asynccontextmanager
+    async def working_on(self, entries: Sequence[Entry]) -> AsyncIterator[None]:
+        """While the block runs, ``XCLAIM`` s ``entries`` to this consumer again every third
+        of ``reclaim_idle_ms`` (idle time back to 0, delivery count kept): however long the
+        work takes (a reward batch behind a slow scorer, a long generation), no other
+        consumer's ``XAUTOCLAIM`` takes it over, scoring it twice and counting a delivery
+        that was no failure. A touch that fails on the connection is retried at the next."""
+
+        async def touch() -> None:
+            while True:
+                await asyncio.sleep(self.reclaim_idle_ms / 3000)
+                try:
+                    await self._touch(entries)
+                except (RedisConnectionError, RedisTimeoutError) as exc:
+                    logger.warning("%s: cannot mark entries in progress: %s", self.consumer, exc)
+
+        task = asyncio.create_task(touch())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _touch(self, entries: Sequence[Entry]) -> None:
+        by_count: dict[int, list[bytes]] = {}
+        for entry in entries:
+            if entry.id in self._held:  # committed or released ones are not ours any more
+                by_count.setdefault(self._held[entry.id], []).append(entry.id)
+        pipe = self.client.pipeline(transaction=False)
+        for count, ids in by_count.items():
+            pipe.xclaim(
+                self.stream, self.group, self.consumer, min_idle_time=0, message_ids=ids,
+                justid=True, retrycount=count,
+            )  # fmt: skip
+        await pipe.execute()
 
     def release(self, entries: Sequence[Entry]) -> None:
         """Give up ``entries`` without committing them: they stay pending, and their next

@@ -143,7 +143,8 @@ class RewardWorker:
         # The sandbox turns a scorer's exception, hang or crash into reward 0 with the
         # reason; what it raises itself (its child cannot be started) is no entry's fault:
         # it propagates, and the batch stays pending.
-        scores = await asyncio.to_thread(self.sandbox.score, [item for _, _, item in ready])
+        async with self.consumer.working_on(entries):  # a slow scorer's batch is not reclaimed
+            scores = await asyncio.to_thread(self.sandbox.score, [item for _, _, item in ready])
         scored, outputs = [], []
         for (entry, trajectory, _), score in zip(ready, scores, strict=True):
             try:  # e.g. a custom scorer's Score whose reward is not a number

@@ -207,9 +207,10 @@ class RolloutService:
         a prompt the engine rejects (longer than the context, token ids outside the
         vocabulary) goes to the dead letters with the engine's reason."""
         started = time.monotonic()
-        results = await asyncio.gather(
-            *(self._sample(group, i) for i in range(group.n)), return_exceptions=True
-        )
+        async with self.consumer.working_on([entry]):  # a long generation is not reclaimed
+            results = await asyncio.gather(
+                *(self._sample(group, i) for i in range(group.n)), return_exceptions=True
+            )
         rejection = next((r for r in results if isinstance(r, VLLMClientError)), None)
         if rejection is not None:
             await self.consumer.commit(dead=[(entry, f"rejected by the engine: {rejection}")])

@@ -238,6 +238,34 @@ async def test_dead_consumers_entries_are_reclaimed(
     assert consumers == {b"dead": 0, b"alive": 4}
 
 
+async def test_entries_worked_on_are_not_taken_over_however_long_it_takes(
+    redis_client: aioredis.Redis, stream_names: StreamNames
+) -> None:
+    """A live consumer marks the entries it works on (``working_on``): another consumer's
+    ``XAUTOCLAIM`` does not take them over while the work lasts many reclaim periods, and
+    no delivery is counted; once the work stops without a commit, they are taken over."""
+    stream = stream_names.trajectories
+    slow, other = (
+        StreamConsumer(redis_client, stream, "reward", name, block_ms=50, reclaim_idle_ms=200,
+                       dead_stream=stream_names.dead, max_deliveries=1)
+        for name in ("slow", "other")
+    )  # fmt: skip
+    await slow.start()
+    ids = await _fill(redis_client, stream, 3)
+    batch = await slow.read()
+    async with slow.working_on(batch):
+        for _ in range(8):  # 1.6 s: eight reclaim periods
+            await asyncio.sleep(0.2)
+            other._next_claim_at = 0.0
+            assert await other.read() == []
+    assert await _delivery_counts(redis_client, stream, "reward") == [1, 1, 1]
+    await asyncio.sleep(0.3)  # no longer marked: idle past reclaim_idle_ms
+    other._next_claim_at = 0.0
+    assert [entry.id for entry in await other.read()] == []  # a second delivery: past the limit
+    assert await redis_client.xlen(stream_names.dead) == 3  # max_deliveries 1: dead-lettered
+    assert ids == [entry.id for entry in batch]
+
+
 async def test_trim_keeps_what_any_group_still_needs(
     redis_client: aioredis.Redis, stream_names: StreamNames
 ) -> None:
