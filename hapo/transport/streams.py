@@ -67,6 +67,7 @@ from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 from pydantic import SecretStr
+from redis.asyncio.client import Pipeline
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -288,17 +289,25 @@ class StreamConsumer(Consumer):
                 await task
 
     async def _touch(self, entries: Sequence[Entry]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        self._claim_held(pipe, entries)
+        await pipe.execute()
+
+    def _claim_held(self, pipe: Pipeline, entries: Sequence[Entry]) -> int:
+        """Queue on ``pipe`` an ``XCLAIM`` to this consumer of the ``entries`` it holds
+        (committed or released ones are not its any more), each with the delivery count
+        it had when taken (``RETRYCOUNT``; idle time back to 0). Returns the commands
+        queued."""
         by_count: dict[int, list[bytes]] = {}
         for entry in entries:
-            if entry.id in self._held:  # committed or released ones are not ours any more
+            if entry.id in self._held:
                 by_count.setdefault(self._held[entry.id], []).append(entry.id)
-        pipe = self.client.pipeline(transaction=False)
         for count, ids in by_count.items():
             pipe.xclaim(
                 self.stream, self.group, self.consumer, min_idle_time=0, message_ids=ids,
                 justid=True, retrycount=count,
             )  # fmt: skip
-        await pipe.execute()
+        return len(by_count)
 
     def release(self, entries: Sequence[Entry]) -> None:
         """Give up ``entries`` without committing them: they stay pending, and their next
@@ -314,20 +323,12 @@ class StreamConsumer(Consumer):
         (holding is not failing); the others' counts are read with ``XPENDING``."""
         if not entries:
             return entries
-        held = [entry for entry in entries if entry.id in self._held]
-        by_count: dict[int, list[bytes]] = {}
-        for entry in held:
-            by_count.setdefault(self._held[entry.id], []).append(entry.id)
         new = [entry for entry in entries if entry.id not in self._held]
         pipe = self.client.pipeline(transaction=False)
-        for count, ids in by_count.items():
-            pipe.xclaim(
-                self.stream, self.group, self.consumer, min_idle_time=0, message_ids=ids,
-                justid=True, retrycount=count,
-            )  # fmt: skip
+        claims = self._claim_held(pipe, entries)
         for entry in new:
             pipe.xpending_range(self.stream, self.group, entry.id, entry.id, 1)
-        replies = (await pipe.execute())[len(by_count) :]
+        replies = (await pipe.execute())[claims:]
         limit, dead = self.max_deliveries, []
         for entry, pending in zip(new, replies, strict=True):
             count = pending[0]["times_delivered"] if pending else 1

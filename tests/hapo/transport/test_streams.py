@@ -287,28 +287,19 @@ async def test_trim_keeps_what_any_group_still_needs(
 async def test_own_replay_pages_forward_while_entries_stay_pending(
     redis_client: aioredis.Redis, stream_names: StreamNames
 ) -> None:
-    first = StreamConsumer(
-        redis_client,
-        stream_names.scored("run-1"),
-        "trainer",
-        "run-1",
-        batch_size=2,
-        block_ms=100,
-    )
+    stream = stream_names.scored("run-1")
+
+    def consumer() -> StreamConsumer:
+        return StreamConsumer(redis_client, stream, "trainer", "run-1", batch_size=2, block_ms=100)
+
+    first = consumer()
     await first.start()
-    ids = await _fill(redis_client, stream_names.scored("run-1"), 5)
+    ids = await _fill(redis_client, stream, 5)
     seen = []
     while len(seen) < 5:
         seen += [e.id for e in await first.read()]
     # Restarted, it holds everything pending (acknowledges nothing) and still gets each entry once.
-    restarted = StreamConsumer(
-        redis_client,
-        stream_names.scored("run-1"),
-        "trainer",
-        "run-1",
-        batch_size=2,
-        block_ms=100,
-    )
+    restarted = consumer()
     replayed = [e.id for _ in range(3) for e in await restarted.read()]
     assert replayed == ids
     assert await restarted.read() == []  # replay over; nothing new
