@@ -47,16 +47,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hapo.config import HapoConfig
-from hapo.data import chat_prompt_ids, problem_stream
 from hapo.report import write_report
 from hapo.training.learner import LearnerStepResult, make_optimizer
 from hapo.training.policy import build_batch, learner_device
 from hapo.transport.lease import Lease
 from hapo.transport.messages import (
-    AdaptiveTemperature,
     MalformedMessage,
-    PromptGroup,
-    SamplingSettings,
     ScoredTrajectory,
 )
 from hapo.transport.streams import (
@@ -65,7 +61,6 @@ from hapo.transport.streams import (
     Entry,
     StreamConsumer,
     StreamNames,
-    StreamPublisher,
     connect,
     ensure_group,
     trim_acknowledged,
@@ -76,6 +71,7 @@ from services.trainer.control import RunControl, RunState
 from services.trainer.groups import GroupAssembler
 from services.trainer.learners import Learner, make_learner
 from services.trainer.metrics import TrainerMetrics, h_hat_summary
+from services.trainer.prompts import PromptIssuer, group_id_range
 from services.trainer.trackers import Trackers
 from services.trainer.weights import WeightPusher
 
@@ -120,7 +116,6 @@ class TrainerService:
         self.optimizer, self.scheduler = make_optimizer(
             self.model, config.actor_rollout_ref.actor.optim
         )
-        self.problems = problem_stream(config.data.train_files, config.seed)
         self.names = StreamNames(config.redis.stream_prefix)
         self.client = connect(config.redis.url, config.redis.password)
         self.consumer = StreamConsumer(
@@ -129,7 +124,6 @@ class TrainerService:
             dead_stream=self.names.dead, max_deliveries=config.trainer.max_deliveries,
             dead_maxlen=config.redis.dead_maxlen,
         )  # fmt: skip
-        self.publisher = StreamPublisher(self.client)
         self.step = self.policy_version = 0
         self.last: dict[str, Any] = {}
         """The last step's JSONL record."""
@@ -141,9 +135,11 @@ class TrainerService:
         self.step = self.checkpointed_step or 0
         self.policy_version = progress.policy_version
         self.norm_entropys = progress.norm_entropys
-        self.groups_queued = progress.groups_queued
         self.groups = GroupAssembler(
             self.run_id, trained=progress.trained, abandoned=progress.abandoned
+        )
+        self.prompts = PromptIssuer(
+            config, self.run_id, self.tokenizer, self.client, self.groups, progress.groups_queued
         )
         self.weights = WeightPusher(config, self.model)
         self.learner: Learner | None = None
@@ -155,52 +151,6 @@ class TrainerService:
         """``perf/wall_step_s`` of the last 100 steps this process made (``stalled``)."""
         self.last_progress = 0.0
         """``time.monotonic()`` of the last step, or of the end of the last pause."""
-
-    def _prompt_group(self) -> PromptGroup:
-        data, rollout = self.config.data, self.config.actor_rollout_ref.rollout
-        question, answer = next(self.problems)
-        self.groups_queued += 1  # the ids are 1, 2, ...: resume depends on it
-        # No statistics: the rollout samples with those of the weights it holds (decision 6).
-        adaptive = AdaptiveTemperature(
-            adaptive_temperature=rollout.adaptive_temperature,
-            temperature_tau=rollout.temperature_tau,
-        )
-        return PromptGroup(
-            run_id=self.run_id, group_id=f"{self.groups_queued:08d}",
-            prompt_ids=chat_prompt_ids(self.tokenizer, question, data.max_prompt_length),
-            answer=answer, n=rollout.n, policy_version=self.policy_version,
-            sampling=SamplingSettings(temperature=rollout.temperature, top_p=rollout.top_p,
-                                      max_tokens=data.max_response_length, adaptive=adaptive),
-        )  # fmt: skip
-
-    async def _queue_prompts(self, step: int) -> None:
-        """Queue groups so that steps up to ``step + max_staleness`` have theirs, plus one
-        replacement for each group abandoned."""
-        per_step = self.config.data.train_batch_size
-        wanted = (step + 1 + self.config.trainer.max_staleness) * per_step
-        wanted += self.groups.abandoned
-        if self.groups_queued >= wanted:
-            return
-        first, groups = self.groups_queued + 1, []
-        while self.groups_queued < wanted:
-            groups.append((self.names.prompts, self._prompt_group().to_bytes()))
-        issued = {resume.issued_key(self.names.prefix, self.run_id): self.groups_queued}
-        await self.publisher.publish(
-            groups, values=issued
-        )  # the groups and their count, or nothing
-        self.groups.watch(self._group_ids(first, self.groups_queued), time.monotonic())
-
-    @staticmethod
-    def _group_ids(first: int, last: int) -> list[str]:
-        return [f"{k:08d}" for k in range(first, last + 1)]
-
-    async def _fast_forward(self) -> None:
-        """Skip the problems of the groups this run already issued (per Redis or the
-        checkpoint, whichever is further): the problem stream is deterministic."""
-        issued = await self.client.get(resume.issued_key(self.names.prefix, self.run_id))
-        self.groups_queued = max(self.groups_queued, int(issued or 0))
-        for _ in range(self.groups_queued):
-            next(self.problems)
 
     async def _between_steps(self) -> bool:
         """Honour checkpoint and pause requests (parking while paused); False once the run
@@ -268,7 +218,7 @@ class TrainerService:
                 self.config.actor_rollout_ref.rollout.n,
             )  # fmt: skip
         if overdue:
-            await self._queue_prompts(self.step)
+            await self.prompts.top_up(self.step, self.policy_version)
 
     def stalled(self, now: float) -> bool:
         """Whether the run is running but has made no step for ``trainer.stall_factor``
@@ -330,10 +280,10 @@ class TrainerService:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         pad = self.tokenizer.pad_token_id
         pad = self.tokenizer.eos_token_id if pad is None else pad
-        await self._fast_forward()
+        await self.prompts.fast_forward()
         # Issued groups not trained: their clocks start now (those in flight before a
         # restart included).
-        self.groups.watch(self._group_ids(1, self.groups_queued), time.monotonic())
+        self.groups.watch(group_id_range(1, self.prompts.issued), time.monotonic())
         metrics_path = self.run_dir / "metrics.jsonl"
         if dropped := resume.truncate_metrics(metrics_path, self.step):
             logger.info("run %s: %d metrics lines after step %d dropped", self.run_id, dropped,
@@ -356,7 +306,7 @@ class TrainerService:
             for step in range(self.step + 1, total + 1):
                 if not await self._between_steps():
                     break
-                await self._queue_prompts(step - 1)
+                await self.prompts.top_up(step - 1, self.policy_version)
                 collected = await self._collect()
                 if collected is None:
                     break
@@ -418,7 +368,7 @@ class TrainerService:
         if self.learner is not None:
             await asyncio.to_thread(self.learner.pull_state)
         progress = resume.Progress(
-            self.policy_version, self.groups_queued, self.norm_entropys, self.groups.trained,
+            self.policy_version, self.prompts.issued, self.norm_entropys, self.groups.trained,
             self.groups.abandoned,
         )  # fmt: skip
         await asyncio.to_thread(
