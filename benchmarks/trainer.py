@@ -9,8 +9,15 @@ default the installed SmolLM2 folder) with random weights: the weights are never
 the same batch and model, alternating, after one untimed warm-up step each; the fastest
 repeat of each is compared. "PPO" is the same step with ``adaptive_clip`` and
 ``adaptive_advantage`` off (so the training forward computes no entropy); everything else,
-advantage estimator included, is identical. Last line:
-{"bench": "trainer", "hapo_loss_overhead": X, "tokens_per_s": Y, "peak_mem_mb": Z}
+advantage estimator included, is identical.
+
+Model-FLOPs utilisation: the model FLOPs of the HAPO step (``learner_step_flops``: the
+matrix products of the ``pi_prox`` forward and of each epoch's forward and backward, as the
+learner runs them, each prompt once per group and the vocabulary projection on response
+tokens only) over its fastest time, divided by the peak of one large matrix product in the
+step's compute dtype measured in the same run (``matmul_peak_flops``). Last line:
+{"bench": "trainer", "hapo_loss_overhead": X, "tokens_per_s": Y, "mfu": M,
+ "matmul_peak_gflops": P, "compute_dtype": D, "peak_mem_mb": Z}
 with X = HAPO step time / PPO step time - 1 and Y the HAPO step's tokens/s.
 """
 
@@ -19,6 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +35,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from hapo.config import HapoConfig, load_config
 from hapo.training.learner import learner_step, make_optimizer
-from hapo.training.policy import build_batch
+from hapo.training.policy import build_batch, compute_dtype, learner_device
 from hapo.transport.messages import ScoredTrajectory
 
 
@@ -56,6 +65,55 @@ def _batch_trajectories(
         for group in range(groups)
         for index in range(group_size)
     ]
+
+
+def learner_step_flops(
+    architecture: Any,
+    groups: int,
+    group_size: int,
+    prompt_len: int,
+    response_len: int,
+    config: HapoConfig,
+) -> float:
+    """Model FLOPs of one ``learner_step`` on ``groups`` prompts of ``prompt_len`` tokens
+    with ``group_size`` responses of ``response_len`` each (a Llama-type ``architecture``).
+
+    A forward multiplies by every weight matrix of the layers once per token (2 FLOPs a
+    weight), each prompt once per group (its KV cache serves the group's responses), and
+    by the vocabulary projection for response tokens only; attention adds 4 x layers x
+    hidden FLOPs per token and position attended. The step runs the ``pi_prox`` forward
+    (twice with ``recompute_at_sampling_temperature``) and, per epoch, a forward and a
+    backward (twice the forward's FLOPs) over the whole batch.
+    """
+    hidden, layers = architecture.hidden_size, architecture.num_hidden_layers
+    head_dim = getattr(architecture, "head_dim", None) or hidden // architecture.num_attention_heads
+    kv = architecture.num_key_value_heads * head_dim
+    per_layer = hidden * (hidden + 2 * kv + hidden) + 3 * hidden * architecture.intermediate_size
+    prompt_tokens, response_tokens = groups * prompt_len, groups * group_size * response_len
+    attended = groups * prompt_len * (prompt_len + 1) / 2 + response_tokens * (
+        prompt_len + (response_len + 1) / 2
+    )
+    forward = (
+        2 * layers * per_layer * (prompt_tokens + response_tokens)
+        + 2 * hidden * architecture.vocab_size * response_tokens
+        + 4 * layers * hidden * attended
+    )
+    correction = config.algorithm.rollout_correction
+    prox_forwards = 2 if correction.recompute_at_sampling_temperature else 1
+    return forward * (prox_forwards + 3 * config.actor_rollout_ref.actor.ppo_epochs)
+
+
+def matmul_peak_flops(dtype: torch.dtype, device: torch.device, size: int = 2048) -> float:
+    """The best FLOP/s of ``size x size`` matrix products in ``dtype`` over about 2 s: what
+    this machine's kernels reach on the learner's commonest operation."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    best, deadline = 0.0, time.perf_counter() + 2.0
+    while time.perf_counter() < deadline:
+        started = time.perf_counter()
+        (a @ b).sum().item()  # .item(): the product is done (on a GPU too)
+        best = max(best, 2 * size**3 / (time.perf_counter() - started))
+    return best
 
 
 def _variant_config(args: argparse.Namespace, hapo_loss: bool) -> HapoConfig:
@@ -135,13 +193,25 @@ def main(argv: list[str] | None = None) -> dict:
                 if name == "hapo":
                     tokens_per_s.append(metrics["perf/tokens_per_s"])
     hapo_s, ppo_s = min(seconds["hapo"]), min(seconds["ppo"])
+    device = learner_device(configs["hapo"])
+    dtype = compute_dtype(configs["hapo"], device) or torch.float32
+    peak = matmul_peak_flops(dtype, device)
+    flops = learner_step_flops(
+        architecture, args.batch // args.group_size, args.group_size, args.prompt_len,
+        args.response_len, configs["hapo"],
+    )  # fmt: skip
     result = {
         "bench": "trainer",
         "hapo_loss_overhead": round(hapo_s / ppo_s - 1, 4),
         "tokens_per_s": round(max(tokens_per_s), 1),
+        "mfu": round(flops / hapo_s / peak, 4),
+        "matmul_peak_gflops": round(peak / 1e9, 1),
+        "compute_dtype": str(dtype).removeprefix("torch."),
         "peak_mem_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
     }
-    print(f"fastest step: hapo {hapo_s:.3f} s, ppo {ppo_s:.3f} s", flush=True)
+    print(f"fastest step: hapo {hapo_s:.3f} s, ppo {ppo_s:.3f} s; model FLOPs "
+          f"{flops / 1e9:.1f} G: {flops / hapo_s / 1e9:.1f} GFLOP/s of a {peak / 1e9:.1f} "
+          f"GFLOP/s {result['compute_dtype']} matmul peak", flush=True)  # fmt: skip
     print(json.dumps(result))
     return result
 
