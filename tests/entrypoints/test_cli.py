@@ -114,9 +114,14 @@ def test_bench_trainer_small() -> None:
     lines = result.stdout.strip().splitlines()
     assert any(line.startswith("  hapo repeat 1") for line in lines)
     figures = json.loads(lines[-1])
-    assert set(figures) == {"bench", "hapo_loss_overhead", "tokens_per_s", "peak_mem_mb"}
+    assert set(figures) == {
+        "bench", "hapo_loss_overhead", "tokens_per_s", "mfu", "matmul_peak_gflops",
+        "compute_dtype", "peak_mem_mb",
+    }  # fmt: skip
     assert figures["bench"] == "trainer"
     assert figures["hapo_loss_overhead"] > -1 and figures["tokens_per_s"] > 0
+    assert 0 < figures["mfu"] < 1 and figures["matmul_peak_gflops"] > 0
+    assert figures["compute_dtype"] in ("float32", "bfloat16")
     assert figures["peak_mem_mb"] > 0
 
 
