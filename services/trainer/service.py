@@ -44,6 +44,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import torch
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hapo.config import HapoConfig
@@ -265,7 +267,11 @@ class TrainerService:
                 await self._train()
             finally:
                 keeper.cancel()
-                await lease.release()
+                try:
+                    await lease.release()
+                except (RedisConnectionError, RedisTimeoutError) as exc:  # it lapses by itself
+                    logger.warning("run %s: claim on the prefix not released: %s", self.run_id,
+                                   exc)  # fmt: skip
         finally:
             await self.client.aclose()
 
