@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from hapo.algorithm import (
@@ -132,6 +132,7 @@ def loop_norm_entropys(entropys, mask, q, eps=1e-6):
 
 @settings(max_examples=200, deadline=None)
 @given(st.integers(1, 6), st.integers(1, 40), st.floats(0.0, 1.0), st.integers(0, 2**31 - 1))
+@example(5, 10, 0.96875, 11161614)  # a scale of 12,400: CI found it
 def test_norm_entropys_matches_loop(batch, seq_len, q, seed) -> None:
     generator = torch.Generator().manual_seed(seed)
     entropys = torch.rand(batch, seq_len, generator=generator) * 3
@@ -140,8 +141,13 @@ def test_norm_entropys_matches_loop(batch, seq_len, q, seed) -> None:
     mask[0, 0] = True
     got = compute_norm_entropys(entropys, mask, q)
     expected = loop_norm_entropys(entropys, mask, q)
-    for name, a, b in zip(got._fields, got, expected, strict=True):
+    for name, a, b in zip(got._fields[:2], got[:2], expected[:2], strict=True):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-5), name
+    # A scale is 1 / the largest normalised value on its side, which can be tiny (here
+    # 8e-5 at batch 5, seq_len 10, q 0.96875, seed 11161614): float32's absolute error
+    # there becomes a large relative one in its reciprocal, so compare the values.
+    for name, a, b in zip(got._fields[2:], got[2:], expected[2:], strict=True):
+        assert 1 / a == pytest.approx(1 / b, rel=1e-4, abs=1e-5), name
     h_hat = entropy_h_hat(torch.log(entropys.clamp_min(1e-6))[mask], got)
     if (h_hat > 0).any():
         assert h_hat.max().item() == pytest.approx(1.0, abs=1e-5)
