@@ -30,8 +30,8 @@ def test_api_conforms_to_its_schema(trainer_api: TrainerServer, mode: Generation
         headers = {"Authorization": f"Bearer {TOKEN}"}
         response = case.call(base_url=trainer_api.url, headers=headers, timeout=30)
         if response.status_code == 413:
-            # An invalid body (e.g. an over-long override) can also be over the 64 KiB body
-            # limit: refused with 413 before validation, which is a rejection too.
+            # An invalid body (e.g. an over-long override) can also be over the body
+            # limit (api.max_request_bytes): refused with 413 before validation, a rejection too.
             excluded.append(negative_data_rejection)
         case.validate_response(response, headers=headers, excluded_checks=excluded)
 
