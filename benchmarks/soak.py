@@ -44,6 +44,7 @@ import redis
 
 from benchmarks.bad_input import BadEntry, bad_entries
 from hapo.config import load_config
+from hapo.report import read_metrics
 from hapo.runtime.redis_server import redis_answers, server_command
 from hapo.transport.base import DATA_FIELD
 from hapo.transport.messages import DeadLetter
@@ -133,9 +134,8 @@ class Stack:
 
 
 def metrics_lines(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+    """The run's step records so far (none before its first step)."""
+    return read_metrics(path)[0] if path.is_file() else []
 
 
 def redis_state(client: redis.Redis) -> dict:

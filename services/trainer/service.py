@@ -387,7 +387,7 @@ class TrainerService:
         self.unacked = {}
         await trim_acknowledged(self.client, self.consumer.stream)  # Redis stays bounded
         if (keep_runs := self.config.trainer.checkpoint_keep_runs) is not None:
-            root = Path(self.config.trainer.run_dir).expanduser()
+            root = self.run_dir.parent
             for folder in await asyncio.to_thread(prune_other_runs, root, self.run_id, keep_runs):
                 logger.info("checkpoints of run %s deleted (trainer.checkpoint_keep_runs %d)",
                             folder.parent.name, keep_runs)  # fmt: skip
