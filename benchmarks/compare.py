@@ -1,7 +1,9 @@
 """Two variants of the whole stack, one after the other with the same seed and budget.
 
-    hapo bench compare --pair hapo-grpo  [--steps 20] [--run-dir DIR] [-- overrides ...]
-    hapo bench compare --pair async-sync [--steps 20] [--run-dir DIR] [-- overrides ...]
+    hapo bench compare --pair hapo-grpo  [--steps 20] [--run-dir DIR] [--pin SERVICE=CPUS ...]
+                       [-- overrides ...]
+    hapo bench compare --pair async-sync [--steps 20] [--run-dir DIR] [--pin SERVICE=CPUS ...]
+                       [-- overrides ...]
 
 Each variant is ``hapo up --steps N`` (all three services as processes, the default
 config plus the shared overrides plus the variant's own) under ``DIR/<variant>/``. Pairs:
@@ -10,6 +12,10 @@ config plus the shared overrides plus the variant's own) under ``DIR/<variant>/`
   temperature, no adaptive clip or advantage): reward per step, both curves in one plot.
 - ``async-sync``: ``trainer.max_staleness=1`` (the rollout samples the next step's groups
   while the learner trains) vs ``0`` (on-policy: it waits): end-to-end steps per hour.
+
+``--pin`` pins services to CPUs in both variants (``hapo up --pin``): ``--pin rollout=0
+--pin reward=0 --pin trainer=1`` gives rollout and learner a core each, as separate
+accelerators would.
 
 Steps per hour count wall time between the first and the last step's metrics lines (the
 first step, which includes the engines' warm-up, is the start mark). Writes
@@ -67,12 +73,14 @@ def run_hapo(args: Sequence[str], label: str, log: Path, stdout: Path | None = N
     print(f"[{label}] hapo {args[0]} done in {time.monotonic() - started:.0f} s", flush=True)
 
 
-def run_variant(name: str, overrides: list[str], steps: int, run_dir: Path) -> Path:
-    """``hapo up`` of run ``name`` under ``run_dir`` (log: ``run_dir/<name>.up.log``);
-    returns its metrics file. A run of that name already there resumes from its newest
-    checkpoint."""
-    args = ["up", "--steps", str(steps), "--run-dir", str(run_dir), *overrides,
-            f"trainer.run_id={name}"]  # fmt: skip
+def run_variant(
+    name: str, overrides: list[str], steps: int, run_dir: Path, pins: Sequence[str] = ()
+) -> Path:
+    """``hapo up`` of run ``name`` under ``run_dir`` (log: ``run_dir/<name>.up.log``), its
+    services pinned by ``pins`` (``SERVICE=CPUS``); returns its metrics file. A run of that
+    name already there resumes from its newest checkpoint."""
+    args = ["up", "--steps", str(steps), "--run-dir", str(run_dir),
+            *(f"--pin={pin}" for pin in pins), *overrides, f"trainer.run_id={name}"]  # fmt: skip
     run_hapo(args, name, run_dir / f"{name}.up.log")
     return run_dir / name / "metrics.jsonl"
 
@@ -124,6 +132,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pair", choices=sorted(PAIRS), required=True)
     parser.add_argument("--steps", type=int, default=20, help="training steps per variant")
     parser.add_argument("--run-dir", type=Path, default=Path("runs/compare"))
+    parser.add_argument(
+        "--pin", action="append", default=[], metavar="SERVICE=CPUS",
+        help="pin a service to CPUs in both variants (hapo up --pin); repeatable",
+    )  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="config overrides for both variants")
     args = parser.parse_args(argv)
     if args.steps < 2:
@@ -132,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     variants = PAIRS[args.pair]
     runs = {
-        name: run_variant(name, [*args.overrides, *own], args.steps, run_dir)
+        name: run_variant(name, [*args.overrides, *own], args.steps, run_dir, args.pin)
         for name, own in variants.items()
     }
     summaries = {name: summarise(metrics) for name, metrics in runs.items()}
@@ -141,6 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "bench": "compare",
         "pair": args.pair,
+        "pins": args.pin,
         **summaries,
         "steps_per_hour_ratio": round(
             summaries[first]["steps_per_hour"] / summaries[second]["steps_per_hour"], 3
@@ -151,7 +164,8 @@ def main(argv: list[str] | None = None) -> dict:
     table += [f"| {name} | " + " | ".join(str(v) for v in s.values()) + " |"
               for name, s in summaries.items()]  # fmt: skip
     (run_dir / "compare.md").write_text(
-        f"# {args.pair}: {args.steps} steps each\n\noverrides: {args.overrides}\n\n"
+        f"# {args.pair}: {args.steps} steps each\n\noverrides: {args.overrides}; "
+        f"pins: {args.pin or 'none'}\n\n"
         + "\n".join(table) + "\n\n![reward](compare_reward.png)\n"
     )  # fmt: skip
     print("\n".join(table))

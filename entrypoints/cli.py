@@ -144,9 +144,23 @@ def up(
     config_file: ConfigFile = None,
     steps: Annotated[int | None, typer.Option(min=1, help="Training steps of the run.")] = None,
     run_dir: Annotated[Path | None, typer.Option(help="Where runs/<run id>/ goes.")] = None,
+    pin: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="SERVICE=CPUS",
+            help="Run a service on these CPUs only, e.g. --pin rollout=0 --pin trainer=1 "
+            "(SERVICE: rollout, reward or trainer; CPUS as taskset -c writes them).",
+        ),
+    ] = None,
 ) -> None:
     """Run the whole stack on this machine (Redis, rollout, reward, trainer) until the run
     ends; Ctrl-C stops everything."""
+    from entrypoints.launcher import parse_pins
+
+    try:
+        pins = parse_pins(pin or [])
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--pin") from None
     overrides = list(overrides or [])
     if steps is not None:
         overrides.append(f"trainer.total_steps={steps}")
@@ -155,7 +169,7 @@ def up(
     config = _load(config_file, overrides)
     from entrypoints.launcher import up as launch
 
-    raise typer.Exit(code=launch(config, config_file, overrides))
+    raise typer.Exit(code=launch(config, config_file, overrides, pins))
 
 
 @app.command("trainer")

@@ -11,6 +11,10 @@ or SIGTERM to the launcher is forwarded to the services as SIGTERM; the launcher
 their clean stop (the trainer finishes its step and checkpoints), then kills whatever is
 left in their groups and exits with 128 + the signal's number. A second signal, or
 ``_STOP_TIMEOUT_S`` without a stop, kills the groups at once.
+
+``--pin SERVICE=CPUS`` (``pins``) runs a service, and all it starts, on those CPUs only
+(``hapo.runtime.cpus``): on one machine, the way to give rollout and learner compute of
+their own, as separate accelerators would.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from rich.live import Live
 from rich.table import Table
 
 from hapo.config import MIN_API_TOKEN_CHARS, HapoConfig, env_var_name, mask_url, new_api_token
+from hapo.runtime.cpus import allowed_cpus, format_cpu_list, parse_cpu_list
 from hapo.runtime.model_store import install_default_model, is_installed
 from hapo.runtime.redis_server import ensure_redis
 
@@ -51,6 +56,38 @@ _STOP_TIMEOUT_S = 120.0
 _LEFTOVER_GRACE_S = 5.0
 """How long what a stopped service left in its process group gets before SIGKILL."""
 _PR_SET_PDEATHSIG = 1
+SERVICES = ("rollout", "reward", "trainer")
+"""What ``hapo up`` starts, in this order."""
+
+
+def parse_pins(values: list[str]) -> dict[str, frozenset[int]]:
+    """``["rollout=0", "trainer=1-3"]`` -> each service's CPUs.
+
+    Raises:
+        ValueError: a value is not ``SERVICE=CPUS``, names no service of ``SERVICES`` or
+            one twice, or a CPU this process may not use (the message names the value).
+    """
+    if values and not hasattr(os, "sched_setaffinity"):
+        raise ValueError("--pin needs an OS that can pin processes to CPUs (Linux)")
+    allowed = allowed_cpus()
+    pins: dict[str, frozenset[int]] = {}
+    for value in values:
+        service, equals, cpus_text = value.partition("=")
+        if not equals or service not in SERVICES:
+            raise ValueError(f"--pin {value!r}: expected SERVICE=CPUS, SERVICE one of {SERVICES}")
+        if service in pins:
+            raise ValueError(f"--pin {value!r}: {service} is pinned twice")
+        try:
+            cpus = parse_cpu_list(cpus_text)
+        except ValueError as exc:
+            raise ValueError(f"--pin {value!r}: {exc}") from None
+        if not cpus <= allowed:
+            raise ValueError(
+                f"--pin {value!r}: CPUs {format_cpu_list(cpus - allowed)} are not among "
+                f"this process's CPUs ({format_cpu_list(allowed)})"
+            )
+        pins[service] = cpus
+    return pins
 
 
 def _progress(metrics_file: Path, run_id: str, total_steps: int) -> Table:
@@ -98,12 +135,15 @@ class _Signals:
                 signal.signal(signum, handler)
 
 
-def _die_with_parent(launcher: int) -> None:
-    """In the child before ``exec``: SIGTERM when the launcher dies, however it dies."""
+def service_preexec(launcher: int, cpus: frozenset[int] | None) -> None:
+    """In the child before ``exec``: SIGTERM when the launcher dies, however it dies; and
+    its CPUs, when pinned (inherited by all it starts)."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     if os.getppid() != launcher:  # the launcher died before prctl took effect
         os._exit(1)
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)
 
 
 def _kill_groups(processes: dict[str, subprocess.Popen]) -> None:
@@ -154,9 +194,15 @@ def _stop(processes: dict[str, subprocess.Popen], signals: _Signals) -> None:
         time.sleep(0.1)
 
 
-def up(config: HapoConfig, config_file: Path | None, overrides: list[str]) -> int:
+def up(
+    config: HapoConfig,
+    config_file: Path | None,
+    overrides: list[str],
+    pins: dict[str, frozenset[int]] | None = None,
+) -> int:
     """Run the stack until the trainer finishes; returns the trainer's exit code (1 if
-    another service failed, 128 + the signal's number if SIGINT or SIGTERM stopped it)."""
+    another service failed, 128 + the signal's number if SIGINT or SIGTERM stopped it).
+    ``pins``: CPUs of the services named (``parse_pins``); the others run anywhere."""
     console = Console()
     if ensure_redis(
         config.redis.url,
@@ -186,9 +232,12 @@ def up(config: HapoConfig, config_file: Path | None, overrides: list[str]) -> in
                     f"trainer.rollout_urls=[{rollout_url}]"],
     }  # fmt: skip
     processes: dict[str, subprocess.Popen] = {}
+    pins = pins or {}
+    for name, cpus in pins.items():
+        console.print(f"{name} pinned to CPUs {format_cpu_list(cpus)}")
     with _Signals(processes).installed() as signals:
         try:
-            _start(commands, env, logs, processes, signals)
+            _start(commands, env, logs, processes, signals, pins)
             console.print(f"run {run_id}: logs in {logs}")
             host = "127.0.0.1" if config.api.host in ("0.0.0.0", "::") else config.api.host
             token = env[env_var_name("api.token")] if config.api.token is None else "your api.token"
@@ -223,17 +272,18 @@ def _start(
     logs: Path,
     processes: dict[str, subprocess.Popen],
     signals: _Signals,
+    pins: dict[str, frozenset[int]],
 ) -> None:
     """Start each service in a session (and process group) of its own; all of them, unless
     a signal asks for a stop first (then the stop returns before the loop)."""
     hapo = str(Path(sys.executable).with_name("hapo"))
-    die_with_parent = functools.partial(_die_with_parent, os.getpid())
     linux = sys.platform == "linux"
     for name, arguments in commands.items():
         if signals.stop_requested:
             return
+        preexec = functools.partial(service_preexec, os.getpid(), pins.get(name))
         with (logs / f"{name}.log").open("w") as log:
             processes[name] = subprocess.Popen(
                 [hapo, *arguments], stdout=log, stderr=subprocess.STDOUT, env=env,
-                start_new_session=True, preexec_fn=die_with_parent if linux else None,
+                start_new_session=True, preexec_fn=preexec if linux else None,
             )  # fmt: skip

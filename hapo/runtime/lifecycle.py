@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -13,11 +14,12 @@ import uvicorn
 from fastapi import FastAPI
 
 from hapo.config import HapoConfig
+from hapo.runtime.cpus import allowed_cpus, format_cpu_list
 
 
 def setup_logging(service: str, config: HapoConfig, level: int = logging.INFO) -> logging.Logger:
     """Log to stderr with the service name; log the effective config once, as JSON
-    (secrets masked)."""
+    (secrets masked), and the CPUs the process may run on (``hapo up --pin``)."""
     logging.basicConfig(
         level=level,
         stream=sys.stderr,
@@ -25,6 +27,7 @@ def setup_logging(service: str, config: HapoConfig, level: int = logging.INFO) -
     )
     logger = logging.getLogger(f"hapo.{service}")
     logger.info("config %s", config.to_json())
+    logger.info("pid %d on CPUs %s", os.getpid(), format_cpu_list(allowed_cpus()))
     return logger
 
 

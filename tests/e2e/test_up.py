@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from entrypoints import launcher
+from hapo.runtime.cpus import format_cpu_list
 from hapo.transport.streams import StreamNames
 from tests.helpers import free_port, metrics_lines, wait_for
 
@@ -31,8 +32,11 @@ def test_up_runs_exactly_the_requested_steps(
         "actor_rollout_ref.rollout.n=2", "data.train_batch_size=2", "actor_rollout_ref.actor.ppo_mini_batch_size=2",
         "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2", "data.max_response_length=8", "trainer.run_id=up",
     ]  # fmt: skip
+    cpus = os.sched_getaffinity(0)
+    pinned = max(cpus)
     result = subprocess.run(
-        [HAPO, "up", "--steps", "2", "--run-dir", str(tmp_path), *overrides],
+        [HAPO, "up", "--steps", "2", "--run-dir", str(tmp_path), "--pin", f"trainer={pinned}",
+         *overrides],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     run = tmp_path / "up"
@@ -46,6 +50,9 @@ def test_up_runs_exactly_the_requested_steps(
     assert "trainer exited with 0" in result.stdout
     # `hapo up` made a token for the session; services log the config with it masked.
     assert '"token":"**********"' in logs["trainer"] and '"token":"**********"' in logs["rollout"]
+    # --pin: the trainer ran on its CPU only, the others where the launcher may run.
+    assert f"on CPUs {pinned}\n" in logs["trainer"]
+    assert f"on CPUs {format_cpu_list(cpus)}\n" in logs["rollout"]
 
 
 def _processes() -> dict[int, tuple[int, int, str]]:

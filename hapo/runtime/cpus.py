@@ -1,0 +1,48 @@
+"""CPU lists in the kernel's notation (``0-3,6``), as ``taskset -c`` and ``/proc`` write them.
+
+``hapo up --pin`` pins each service to CPUs of its own this way, which on one machine is
+what separate accelerators give a disaggregated run: rollout and learner stop competing for
+the same cores. Children inherit the affinity, and both torch (its intra-op threads) and
+vLLM's CPU worker (its OpenMP thread binding) size themselves to the allowed CPUs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+
+def parse_cpu_list(text: str) -> frozenset[int]:
+    """``"0-2,5"`` -> ``{0, 1, 2, 5}``.
+
+    Raises:
+        ValueError: not a CPU list, naming the bad part.
+    """
+    cpus: set[int] = set()
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()):
+            raise ValueError(f"{part!r} is not a CPU or a range of CPUs (e.g. 0, 2-3)")
+        low, high = int(first), int(last) if dash else int(first)
+        if high < low:
+            raise ValueError(f"{part!r}: the range ends before it starts")
+        cpus.update(range(low, high + 1))
+    return frozenset(cpus)
+
+
+def format_cpu_list(cpus: Iterable[int]) -> str:
+    """``{0, 1, 2, 5}`` -> ``"0-2,5"``."""
+    ranges: list[list[int]] = []
+    for cpu in sorted(set(cpus)):
+        if ranges and cpu == ranges[-1][1] + 1:
+            ranges[-1][1] = cpu
+        else:
+            ranges.append([cpu, cpu])
+    return ",".join(str(low) if low == high else f"{low}-{high}" for low, high in ranges)
+
+
+def allowed_cpus() -> frozenset[int]:
+    """The CPUs this process may run on (all of them where the OS cannot say)."""
+    if hasattr(os, "sched_getaffinity"):
+        return frozenset(os.sched_getaffinity(0))
+    return frozenset(range(os.cpu_count() or 1))

@@ -1,0 +1,44 @@
+"""CPU lists in the kernel's notation, checked against a reference that expands and
+compresses by brute force."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from hapo.runtime.cpus import format_cpu_list, parse_cpu_list
+
+
+def _reference_format(cpus: set[int]) -> str:
+    """Every maximal run of consecutive CPUs, found by scanning 0..max."""
+    parts, cpu, top = [], 0, max(cpus)
+    while cpu <= top:
+        if cpu in cpus:
+            start = cpu
+            while cpu + 1 in cpus:
+                cpu += 1
+            parts.append(str(start) if start == cpu else f"{start}-{cpu}")
+        cpu += 1
+    return ",".join(parts)
+
+
+@given(st.sets(st.integers(0, 80), min_size=1))
+def test_format_matches_reference_and_parses_back(cpus: set[int]) -> None:
+    text = format_cpu_list(cpus)
+    assert text == _reference_format(cpus)
+    assert parse_cpu_list(text) == cpus
+
+
+def test_parse_accepts_overlaps_and_spaces() -> None:
+    assert parse_cpu_list("0-2, 2,5") == {0, 1, 2, 5}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("", "'' is not a CPU"), ("a", "'a' is not"), ("1-", "'1-' is not"),
+     ("-1", "'-1' is not"), ("3-1", "ends before it starts")],
+)  # fmt: skip
+def test_parse_names_the_bad_part(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_cpu_list(text)
