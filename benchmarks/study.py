@@ -27,14 +27,16 @@ midway continues from its newest checkpoint (``hapo up`` under the same run id),
 evaluated. Seeds and variants can be added by a later start.
 
 Writes, from the finished runs, ``DIR/study.md``: per variant the seeds finished, held-out
-accuracy and training reward over the last 5 steps (means over seeds with Student-t 95%
-intervals, n - 1 degrees of freedom), token entropy over the last 5 steps (mean), and the
-base model's accuracy; and ``DIR/study_reward.png``: each variant's reward per step (5-step
-moving average), mean over seeds with the min-max band over seeds. ``--report-only`` only
+accuracy per seed and over seeds, held-out accuracy minus hapo's paired by seed, training
+reward over the last 5 steps (means with Student-t 95% intervals, n - 1 degrees of
+freedom), token entropy over the last 5 steps (mean), and the base model's accuracy; and
+``DIR/study_reward.png``: each variant's reward per step (5-step moving average), mean over
+seeds with the min-max band over seeds. ``--report-only`` only
 writes these. Last line:
 {"bench": "study", ..., "base": {...}, "variants": {name: {"seeds": k, "heldout_mean": m,
 "heldout_ci95": [lo, hi], "reward_last_mean": r, "reward_last_ci95": [lo, hi],
-"entropy_last_mean": e, ...}}}
+"entropy_last_mean": e, "heldout_minus_hapo_mean": d, "heldout_minus_hapo_ci95": [lo, hi],
+"paired_seeds": k, ...}}}
 """
 
 from __future__ import annotations
@@ -327,6 +329,26 @@ def summarise(runs: dict[int, Path]) -> dict:
     }  # fmt: skip
 
 
+def paired_with(summaries: dict[str, dict], reference: str = "hapo") -> None:
+    """Add to each other variant its held-out accuracy minus ``reference``'s, paired by
+    seed over the seeds both finished: ``heldout_minus_<reference>_mean`` and ``_ci95``
+    (Student-t over the paired differences) and ``paired_seeds``. The seed fixes the
+    problems' order and the sampling, and moves accuracy far more than the variants do;
+    a paired difference takes that shared part out."""
+    if reference not in summaries:
+        return
+    own = summaries[reference]["heldout_by_seed"]
+    for variant, summary in summaries.items():
+        if variant == reference:
+            continue
+        seeds = [seed for seed in summary["heldout_by_seed"] if seed in own]
+        differences = [summary["heldout_by_seed"][seed] - own[seed] for seed in seeds]
+        mean, interval = mean_ci95(differences) if differences else (math.nan, None)
+        summary[f"heldout_minus_{reference}_mean"] = _rounded(mean)
+        summary[f"heldout_minus_{reference}_ci95"] = _interval(interval)
+        summary["paired_seeds"] = len(seeds)
+
+
 def parts_off(variant: str) -> str:
     """The HAPO parts the variant turns off, for the table."""
     off = [part for part, switch in HAPO_PARTS.items() if switch in VARIANTS[variant]]
@@ -358,17 +380,25 @@ def table(summaries: dict[str, dict], base: dict | None, settings: dict | None) 
             line += f" [{low:.3f}, {high:.3f}] ({base['ci_method']} interval over problems)"
         lines += [line + ".", ""]
     lines += [
-        f"Means over seeds with 95% Student-t intervals (n - 1 degrees of freedom); reward "
-        f"and entropy are each run's mean over its last {LAST_STEPS} steps.",
+        f"Means over seeds with 95% Student-t intervals (n - 1 degrees of freedom); "
+        f"\"minus hapo\" is the held-out accuracy minus hapo's of the same seed, over the "
+        f"seeds both finished; reward and entropy are each run's mean over its last "
+        f"{LAST_STEPS} steps.",
         "",
-        f"| variant | parts off | seeds | held-out accuracy | reward, last {LAST_STEPS} "
-        f"steps | entropy, last {LAST_STEPS} steps |",
-        "|---|---|---|---|---|---|",
+        f"| variant | parts off | seeds | held-out by seed | held-out accuracy | minus hapo, "
+        f"paired by seed | reward, last {LAST_STEPS} steps | entropy, last {LAST_STEPS} "
+        f"steps |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for variant, s in summaries.items():
+        by_seed = ", ".join(f"s{seed}: {value:.3f}" for seed, value in s["heldout_by_seed"].items())
+        paired = "-"
+        if "heldout_minus_hapo_mean" in s:
+            paired = _cell(s["heldout_minus_hapo_mean"], s["heldout_minus_hapo_ci95"])
+            paired += f" ({s['paired_seeds']} seeds)"
         lines.append(
-            f"| {variant} | {parts_off(variant)} | {s['seeds']} | "
-            f"{_cell(s['heldout_mean'], s['heldout_ci95'])} | "
+            f"| {variant} | {parts_off(variant)} | {s['seeds']} | {by_seed} | "
+            f"{_cell(s['heldout_mean'], s['heldout_ci95'])} | {paired} | "
             f"{_cell(s['reward_last_mean'], s['reward_last_ci95'])} | "
             f"{_cell(s['entropy_last_mean'], None)} |"
         )
@@ -417,6 +447,7 @@ def report(study: Path) -> dict:
         raise SystemExit(f"{study}: no such study folder")
     runs = finished_runs(study)
     summaries = {variant: summarise(seeds) for variant, seeds in runs.items()}
+    paired_with(summaries)
     settings_file, base_file = study / SETTINGS_FILE, study / BASE_EVAL_FILE
     settings = json.loads(settings_file.read_text()) if settings_file.is_file() else None
     base = json.loads(base_file.read_text()) if base_file.is_file() else None

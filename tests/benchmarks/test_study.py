@@ -247,6 +247,8 @@ def test_report_from_finished_runs(tmp_path: Path, capsys: pytest.CaptureFixture
              accuracy=accuracy)  # fmt: skip
     _run(tmp_path, "grpo-s0", [0.2] * 7, checkpoint=7, accuracy=0.3)
     _run(tmp_path, "grpo-s1", [0.2] * 4, checkpoint=4)  # not finished: left out
+    _run(tmp_path, "grpo-s2", [0.2] * 7, checkpoint=7, accuracy=0.4)
+    _run(tmp_path, "no_ada_clip-s5", [0.2] * 7, checkpoint=7, accuracy=0.9)  # hapo has no s5
     (tmp_path / "runs" / "notes").mkdir()
     (tmp_path / "base_eval.json").write_text(
         json.dumps({"mean": 0.2, "ci95": [0.15, 0.26], "ci_method": "wilson"})
@@ -255,7 +257,7 @@ def test_report_from_finished_runs(tmp_path: Path, capsys: pytest.CaptureFixture
     result = main(["--report-only", "--dir", str(tmp_path)])
 
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
-    assert list(result["variants"]) == ["hapo", "grpo"]  # VARIANTS order
+    assert list(result["variants"]) == ["hapo", "grpo", "no_ada_clip"]  # VARIANTS order
     hapo = result["variants"]["hapo"]
     assert hapo["seeds"] == 3
     assert hapo["heldout_by_seed"] == {"0": 0.5, "1": 0.6, "2": 0.7}
@@ -267,12 +269,30 @@ def test_report_from_finished_runs(tmp_path: Path, capsys: pytest.CaptureFixture
     assert hapo["reward_last_ci95"] == pytest.approx([0.5 - half, 0.5 + half], abs=1e-3)
     # Entropy 1 + seed + step / 100, steps 3..7: 1.05, 2.05, 3.05 -> 2.05.
     assert hapo["entropy_last_mean"] == pytest.approx(2.05)
+    assert "heldout_minus_hapo_mean" not in hapo
     grpo = result["variants"]["grpo"]
-    assert (grpo["seeds"], grpo["heldout_mean"], grpo["heldout_ci95"]) == (1, 0.3, None)
+    assert (grpo["seeds"], grpo["heldout_by_seed"]) == (2, {"0": 0.3, "2": 0.4})
+    # Paired by seed with hapo: 0.3 - 0.5 and 0.4 - 0.7; mean -0.25, std 0.1 / sqrt(2),
+    # t with 1 degree of freedom.
+    paired_half = 12.7062 * (0.1 / math.sqrt(2)) / math.sqrt(2)
+    assert grpo["paired_seeds"] == 2
+    assert grpo["heldout_minus_hapo_mean"] == pytest.approx(-0.25)
+    assert grpo["heldout_minus_hapo_ci95"] == pytest.approx(
+        [-0.25 - paired_half, -0.25 + paired_half], abs=1e-3
+    )
+    unpaired = result["variants"]["no_ada_clip"]
+    assert unpaired["paired_seeds"] == 0 and unpaired["heldout_minus_hapo_mean"] is None
     assert result["base"] == {"heldout_mean": 0.2, "heldout_ci95": [0.15, 0.26]}
 
     markdown = (tmp_path / "study.md").read_text()
-    assert "| hapo | none | 3 | 0.600 [0.352, 0.848] | 0.500 [0.252, 0.748] | 2.050 |" in markdown
-    assert "| grpo | all | 1 | 0.300 | 0.200 | 1.050 |" in markdown
+    assert (
+        "| hapo | none | 3 | s0: 0.500, s1: 0.600, s2: 0.700 | 0.600 [0.352, 0.848] | - | "
+        "0.500 [0.252, 0.748] | 2.050 |"
+    ) in markdown
+    assert (
+        "| grpo | all | 2 | s0: 0.300, s2: 0.400 | 0.350 [-0.285, 0.985] | "
+        "-0.250 [-0.885, 0.385] (2 seeds) | 0.200 [0.200, 0.200] | 1.050 |"
+    ) in markdown
+    assert "| no_ada_clip | ada_clip | 1 | s5: 0.900 | 0.900 | n/a (0 seeds) |" in markdown
     assert "Base model: held-out accuracy 0.200 [0.150, 0.260]" in markdown
     assert (tmp_path / "study_reward.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
