@@ -381,7 +381,7 @@ def table(summaries: dict[str, dict], base: dict | None, settings: dict | None) 
         lines += [line + ".", ""]
     lines += [
         f"Means over seeds with 95% Student-t intervals (n - 1 degrees of freedom); "
-        f"\"minus hapo\" is the held-out accuracy minus hapo's of the same seed, over the "
+        f'"minus hapo" is the held-out accuracy minus hapo\'s of the same seed, over the '
         f"seeds both finished; reward and entropy are each run's mean over its last "
         f"{LAST_STEPS} steps.",
         "",

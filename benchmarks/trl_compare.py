@@ -1,7 +1,7 @@
 """HAPO-RL's whole stack vs TRL's ``GRPOTrainer`` on the same model, task and batch.
 
-    .venv/bin/python -m benchmarks.trl_compare --steps 3
-        [--skip-trl] [--skip-hapo] [--trl-venv ~/.cache/hapo/trl-venv]
+    hapo bench trl_compare [--steps 5] [--repeats 2]
+        [--skip-trl] [--skip-hapo] [--trl-venv ~/.cache/hapo/trl-venv] [--trl-fp32]
         [--trl-gradient-checkpointing] [--hapo-overrides rollout.dtype=float32 ...]
 
 TRL lives in its own venv (created once with ``python3 -m venv``: ``torch==2.13.0`` first,
@@ -10,19 +10,29 @@ second run installs nothing) and runs in it as a subprocess: this file with ``--
 reporting each step's wall time as a JSON line. Then ``hapo up --steps S+1`` runs with
 ``rollout.n=8 data.train_batch_size=8 data.max_response_length=64``; a step's wall time is
 the time between two lines of its ``metrics.jsonl`` (polled every 0.1 s). Both sides run
-S + 1 steps and the first (start-up, warm-up) is left out of every figure. Last line:
-{"bench": "trl_compare", "hapo_steps_per_hour": X, "trl_steps_per_hour": Y, "speedup": X/Y, ...}
+S + 1 steps and the first (start-up, warm-up) is left out of every figure. ``--repeats R``
+measures the pair R times in the order TRL, hapo, hapo, TRL, ... (drift of a shared machine
+falls on both sides alike) and reports each repeat's ratios. Two ratios, since the sides
+generate different lengths: ``speedup`` (steps per hour) and ``speedup_per_token``
+(generated tokens per second). Last line:
+{"bench": "trl_compare", "repeats": [{"hapo_steps_per_hour": X, "trl_steps_per_hour": Y,
+"speedup": X/Y, "speedup_per_token": ..., ...}, ...], "speedup_mean": ..., ...}
 
 Matched: the model folder (``model.local_path``, fp32 CPU weights for TRL's generation and
 both learners), the problems (``problem_stream(data.train_files, seed)``, in order, under
 the tokenizer's chat template), 8 prompts x 8 samples a step, at most 64 new tokens,
-temperature 1.0, top-p 1.0, one optimizer step a batch on micro-batches of
-``ppo_micro_batch_size_per_gpu`` samples, AdamW with hapo's lr / weight decay / warm-up
+temperature 1.0, top-p 1.0, bf16 autocast on both learners (TRL's ``bf16=True``; hapo's
+``trainer.precision=auto`` is bf16 on a CPU with AVX512-BF16; ``--trl-fp32`` for a CPU
+without), as many optimizer steps a batch as hapo takes (``ppo_mini_batch_size``: TRL's
+``steps_per_generation`` over ``gradient_accumulation_steps``, so that TRL too takes a
+forward pass for the old log-probs) on micro-batches of ``ppo_micro_batch_size_per_gpu``
+samples, AdamW with hapo's lr / weight decay / warm-up
 steps / grad clip / clip ratios, no KL and no reference model, and the reward: exact match
 of the last integer (``hapo.scoring.rewards.fast_integer_answer`` against ``gold_integer``).
 
-Not matched: TRL generates with transformers ``generate`` in fp32 in the learner's process,
-then trains, strictly in turn; hapo samples with vLLM (``rollout.dtype``, bf16 by default)
+Not matched: TRL generates with transformers ``generate`` (under the learner's autocast) in
+the learner's process, then trains, strictly in turn (TRL's vLLM generation needs a GPU:
+see BENCHMARKS.md); hapo samples with vLLM (``rollout.dtype``, bf16 by default)
 in its own process with the adaptive temperature, up to ``trainer.max_staleness`` steps
 ahead of the learner, and pushes the weights back after every step. Losses differ: TRL's
 ``loss_type="dapo"`` vs HAPO's loss (adaptive advantage and clip, entropy in the forward);
@@ -52,6 +62,7 @@ REPO = Path(__file__).resolve().parents[1]
 REQUIREMENTS = REPO / "benchmarks" / "trl_requirements.txt"
 CONSTRAINTS = REPO / "constraints" / "cpu.txt"
 PROMPTS, GROUP, MAX_NEW_TOKENS = 8, 8, 64
+"""Per step: prompts, samples per prompt, and the most tokens a sample generates."""
 MATCHING = (f"actor_rollout_ref.rollout.n={GROUP}", f"data.train_batch_size={PROMPTS}",
             f"data.max_response_length={MAX_NEW_TOKENS}")  # fmt: skip
 STEP_PREFIX = "TRL_STEP "
@@ -102,14 +113,28 @@ def _finite(value: float) -> float | None:
     return value if isinstance(value, int | float) and math.isfinite(value) else None
 
 
-def result_line(hapo: dict[str, Any] | None, trl: dict[str, Any] | None, steps: int) -> dict:
-    """The closing JSON object; a skipped side (None) or a missing figure is null."""
-    line: dict[str, Any] = {"bench": "trl_compare", "steps": steps}
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return numerator / denominator if numerator and denominator else None
+
+
+def repeat_line(hapo: dict[str, Any] | None, trl: dict[str, Any] | None) -> dict:
+    """One repeat's figures; a skipped side (None) or a missing figure is null."""
+    line: dict[str, Any] = {}
     for name, side in (("hapo", hapo), ("trl", trl)):
-        for key in ("steps_per_hour", "s_per_step", "gen_tokens_per_s", "reward_mean"):
+        for key in ("steps_per_hour", "s_per_step", "gen_tokens_per_s", "response_length_mean",
+                    "reward_mean"):  # fmt: skip
             line[f"{name}_{key}"] = _finite(side[key]) if side else None
-    hapo_rate, trl_rate = line["hapo_steps_per_hour"], line["trl_steps_per_hour"]
-    line["speedup"] = hapo_rate / trl_rate if hapo_rate and trl_rate else None
+    line["speedup"] = _ratio(line["hapo_steps_per_hour"], line["trl_steps_per_hour"])
+    line["speedup_per_token"] = _ratio(line["hapo_gen_tokens_per_s"], line["trl_gen_tokens_per_s"])
+    return line
+
+
+def result_line(repeats: list[dict], steps: int) -> dict:
+    """The closing JSON object: every repeat's line and the means of their ratios."""
+    line: dict[str, Any] = {"bench": "trl_compare", "steps": steps, "repeats": repeats}
+    for key in ("speedup", "speedup_per_token"):
+        ratios = [r[key] for r in repeats if r[key] is not None]
+        line[f"{key}_mean"] = sum(ratios) / len(ratios) if ratios else None
     return line
 
 
@@ -179,6 +204,7 @@ def run_trl(python: Path, spec: dict[str, Any], workdir: Path) -> list[dict[str,
 def run_hapo(steps: int, overrides: list[str], workdir: Path) -> list[dict[str, Any]]:
     """``hapo up`` for ``steps`` steps; per-step records timed by the metrics lines."""
     run_id = f"trl-compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    workdir.mkdir(parents=True, exist_ok=True)
     metrics = workdir / run_id / "metrics.jsonl"
     command = [str(Path(sys.executable).with_name("hapo")), "up", "--steps", str(steps),
                "--run-dir", str(workdir), *MATCHING, f"trainer.run_id={run_id}",
@@ -248,27 +274,34 @@ def _worker(spec_file: Path) -> None:
         tally["scored"] += len(rewards)
         return rewards
 
+    per_batch = spec["optimizer_steps_per_batch"]
+
     class StepTimer(TrainerCallback):
+        """A record per batch (``per_batch`` optimizer steps), as hapo counts a step."""
+
         last = 0.0
 
         def on_train_begin(self, *_: Any, **__: Any) -> None:
             self.last = time.perf_counter()
 
         def on_step_end(self, args: Any, state: Any, *_: Any, **__: Any) -> None:
+            if state.global_step % per_batch:
+                return
             now = time.perf_counter()
             rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            record = {"step": state.global_step, "step_s": now - self.last, **tally,
+            record = {"step": state.global_step // per_batch, "step_s": now - self.last, **tally,
                       "reward": tally["reward"] / max(tally["scored"], 1),
                       "peak_rss_mb": rss_mb}  # fmt: skip
             print(STEP_PREFIX + json.dumps(record), flush=True)  # fmt: skip
             tally.update(gen_s=0.0, gen_tokens=0, reward=0.0, scored=0)
             self.last = time.perf_counter()
 
-    samples = spec["prompts"] * spec["group"]
+    samples, micro = spec["prompts"] * spec["group"], spec["micro_batch"]
     config = trl.GRPOConfig(
-        output_dir=str(spec_file.parent / "trl_out"), use_cpu=True, bf16=False, fp16=False,
-        max_steps=spec["steps"], per_device_train_batch_size=spec["micro_batch"],
-        gradient_accumulation_steps=samples // spec["micro_batch"],
+        output_dir=str(spec_file.parent / "trl_out"), use_cpu=True, bf16=spec["bf16"],
+        fp16=False, max_steps=spec["steps"] * per_batch, per_device_train_batch_size=micro,
+        gradient_accumulation_steps=samples // per_batch // micro,
+        steps_per_generation=samples // micro,
         num_generations=spec["group"], max_completion_length=spec["max_new_tokens"],
         temperature=1.0, top_p=1.0, shuffle_dataset=False, seed=spec["seed"],
         learning_rate=spec["lr"], weight_decay=spec["weight_decay"],
@@ -285,19 +318,28 @@ def _worker(spec_file: Path) -> None:
     trainer.train()
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=3, help="timed steps (after 1 warm-up)")
+def main(argv: list[str] | None = None) -> dict | None:
+    parser = argparse.ArgumentParser(
+        prog="hapo bench trl_compare",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (after 1 warm-up)")
+    parser.add_argument("--repeats", type=int, default=2, help="times the pair is measured")
     parser.add_argument("--skip-trl", action="store_true")
     parser.add_argument("--skip-hapo", action="store_true")
     parser.add_argument("--hapo-overrides", nargs="*", default=[], metavar="KEY=VALUE")
     parser.add_argument("--trl-venv", type=Path, default=Path("~/.cache/hapo/trl-venv"))
+    parser.add_argument("--trl-fp32", action="store_true",
+                        help="TRL without bf16 (for a CPU without AVX512-BF16)")  # fmt: skip
     parser.add_argument("--trl-gradient-checkpointing", action="store_true")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         _worker(args.worker)
-        return
+        return None
+    if args.steps < 1 or args.repeats < 1:
+        parser.error("--steps and --repeats must be >= 1")
     from hapo.config import load_config
     from hapo.data import problem_stream
     from hapo.runtime.model_store import install_default_model, is_installed
@@ -306,29 +348,40 @@ def main(argv: list[str] | None = None) -> None:
     if config.model.path is None and not is_installed(config.model.local_path):
         install_default_model(config.model.local_path)  # as hapo up does
     total = args.steps + WARMUP_STEPS
-    hapo = trl = None
+    actor = config.actor_rollout_ref.actor
+    python = None if args.skip_trl else ensure_trl_venv(args.trl_venv.expanduser())
+    problems = problem_stream(config.data.train_files, config.seed)
+    spec = {
+        "steps": total, "model_path": str(config.model.local_path), "seed": config.seed,
+        "prompts": PROMPTS, "group": GROUP, "max_new_tokens": MAX_NEW_TOKENS,
+        "problems": [tuple(next(problems)) for _ in range(total * PROMPTS)],
+        "micro_batch": actor.ppo_micro_batch_size_per_gpu, "lr": actor.optim.lr,
+        "optimizer_steps_per_batch": PROMPTS // actor.ppo_mini_batch_size,
+        "weight_decay": actor.optim.weight_decay, "grad_clip": actor.grad_clip,
+        "warmup_steps": actor.optim.lr_warmup_steps, "clip_low": actor.clip_ratio_low,
+        "clip_high": actor.clip_ratio_high, "bf16": not args.trl_fp32,
+        "gradient_checkpointing": args.trl_gradient_checkpointing,
+    }  # fmt: skip
+    print(f"[hapo] rollout dtype {config.rollout.dtype}, learner precision "
+          f"{config.trainer.precision}; TRL bf16 {spec['bf16']}", flush=True)  # fmt: skip
+    repeats = []
     with tempfile.TemporaryDirectory(prefix="trl-compare-") as tmp:
-        workdir = Path(tmp)
-        if not args.skip_trl:
-            python = ensure_trl_venv(args.trl_venv.expanduser())
-            actor = config.actor_rollout_ref.actor
-            problems = problem_stream(config.data.train_files, config.seed)
-            spec = {
-                "steps": total, "model_path": str(config.model.local_path), "seed": config.seed,
-                "prompts": PROMPTS, "group": GROUP, "max_new_tokens": MAX_NEW_TOKENS,
-                "problems": [tuple(next(problems)) for _ in range(total * PROMPTS)],
-                "micro_batch": actor.ppo_micro_batch_size_per_gpu, "lr": actor.optim.lr,
-                "weight_decay": actor.optim.weight_decay, "grad_clip": actor.grad_clip,
-                "warmup_steps": actor.optim.lr_warmup_steps, "clip_low": actor.clip_ratio_low,
-                "clip_high": actor.clip_ratio_high,
-                "gradient_checkpointing": args.trl_gradient_checkpointing,
-            }  # fmt: skip
-            trl = summarize(run_trl(python, spec, workdir))
-        if not args.skip_hapo:
-            print(f"[hapo] rollout dtype {config.rollout.dtype}", flush=True)
-            hapo = summarize(run_hapo(total, args.hapo_overrides, workdir))
-    print(table(hapo, trl))
-    print(json.dumps(result_line(hapo, trl, args.steps)))
+        for repeat in range(args.repeats):
+            workdir = Path(tmp) / f"repeat-{repeat}"
+            workdir.mkdir()
+            sides: dict[str, dict[str, Any] | None] = {"hapo": None, "trl": None}
+            # TRL first on even repeats, hapo first on odd ones.
+            for side in ("trl", "hapo") if repeat % 2 == 0 else ("hapo", "trl"):
+                if side == "trl" and python is not None:
+                    sides["trl"] = summarize(run_trl(python, spec, workdir))
+                elif side == "hapo" and not args.skip_hapo:
+                    sides["hapo"] = summarize(run_hapo(total, args.hapo_overrides, workdir))
+            print(f"repeat {repeat + 1} of {args.repeats}:")
+            print(table(sides["hapo"], sides["trl"]))
+            repeats.append(repeat_line(sides["hapo"], sides["trl"]))
+    result = result_line(repeats, args.steps)
+    print(json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":

@@ -59,22 +59,32 @@ def test_hapo_records_time_steps_by_metrics_lines():
     assert [r["learner_s"] for r in records] == [5.0, 6.0]
 
 
-def test_result_line_speedup_and_skipped_sides():
-    hapo = tc.summarize([_record(50.0, 1), _record(10.0, 1000)])
-    trl = tc.summarize([_record(90.0, 1), _record(80.0, 800)])
-    line = tc.result_line(hapo, trl, steps=1)
-    assert line["bench"] == "trl_compare"
+def test_repeat_line_ratios_and_skipped_sides():
+    hapo = tc.summarize([_record(50.0, 1), _record(10.0, 1000)])  # 100 tokens/s
+    trl = tc.summarize([_record(90.0, 1), _record(80.0, 800)])  # 10 tokens/s
+    line = tc.repeat_line(hapo, trl)
     assert line["hapo_steps_per_hour"] == pytest.approx(360.0)
     assert line["trl_steps_per_hour"] == pytest.approx(45.0)
     assert line["speedup"] == pytest.approx(8.0)
-    skipped = tc.result_line(None, trl, steps=1)
+    assert line["speedup_per_token"] == pytest.approx(10.0)
+    skipped = tc.repeat_line(None, trl)
     assert skipped["speedup"] is None and skipped["hapo_s_per_step"] is None
     json.loads(json.dumps(skipped, allow_nan=False))  # valid JSON: no NaN
 
 
+def test_result_line_means_the_repeats_ratios():
+    first = {"speedup": 2.0, "speedup_per_token": 1.5}
+    second = {"speedup": 3.0, "speedup_per_token": None}
+    line = tc.result_line([first, second], steps=5)
+    assert line["bench"] == "trl_compare" and line["repeats"] == [first, second]
+    assert line["speedup_mean"] == pytest.approx(2.5)
+    assert line["speedup_per_token_mean"] == pytest.approx(1.5)
+
+
 def test_result_line_turns_nan_into_null():
-    line = tc.result_line(tc.summarize([_record(1.0, 1)]), None, steps=0)
-    assert line["hapo_steps_per_hour"] is None and line["speedup"] is None
+    repeat = tc.repeat_line(tc.summarize([_record(1.0, 1)]), None)
+    assert repeat["hapo_steps_per_hour"] is None and repeat["speedup"] is None
+    assert tc.result_line([repeat], steps=0)["speedup_mean"] is None
 
 
 def test_table_shows_both_sides():
