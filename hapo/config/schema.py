@@ -203,8 +203,11 @@ class RolloutServiceConfig(_Section):
     """The rollout service's engine and queueing (sampling settings live in
     ``actor_rollout_ref.rollout``)."""
 
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
-    """Weights and activations dtype in vLLM."""
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """Weights and activations dtype in vLLM (and of the weights the trainer sends); ``auto``:
+    bfloat16 on a GPU or a CPU with native bf16 (AVX512-BF16, AMX), else float32 (emulated
+    bf16 is far slower). Set it when trainer and rollout run on different CPU kinds: each
+    resolves ``auto`` on its own machine."""
     max_model_len: int = Field(1024, ge=16, le=1_048_576)
     """Longest prompt + response in tokens."""
     tensor_parallel_size: int = Field(1, ge=1, le=64)

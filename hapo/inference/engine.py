@@ -12,6 +12,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 
 from hapo.config import HapoConfig
 from hapo.inference.logits_processor import COMPILE_KEY, AdaptiveTemperatureLogitsProcessor
+from hapo.runtime.cpus import resolve_rollout_dtype
 from hapo.transport.weight_sync import GLOO_BACKEND, weight_transfer_backend
 
 
@@ -22,7 +23,7 @@ def engine_args(config: HapoConfig, *, adaptive_processor: bool = True) -> Async
     backend = weight_transfer_backend(config)
     return AsyncEngineArgs(
         model=str(config.model.local_path),
-        dtype=rollout.dtype,
+        dtype=resolve_rollout_dtype(rollout.dtype, cuda=torch.cuda.is_available()),
         max_model_len=rollout.max_model_len,
         tensor_parallel_size=rollout.tensor_parallel_size,
         data_parallel_size=rollout.data_parallel_size,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,6 +20,7 @@ from torch import nn
 
 from hapo.algorithm import adaptive_temperature_log_probs, taken_log_probs_chunked
 from hapo.config import HapoConfig
+from hapo.runtime.cpus import cpu_has_native_bf16
 from hapo.transport.messages import ScoredTrajectory
 
 
@@ -203,16 +203,6 @@ def learner_device(config: HapoConfig) -> torch.device:
     if choice == "auto":
         choice = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(choice)
-
-
-def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX): there bf16
-    autocast makes the learner ~1.4x faster; elsewhere it is emulated and slower."""
-    try:
-        flags = cpuinfo.read_text()
-    except OSError:  # not Linux
-        return False
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
 
 
 def compute_dtype(config: HapoConfig, device: torch.device) -> torch.dtype | None:

@@ -20,6 +20,7 @@ from torch import nn
 from vllm.distributed.weight_transfer.base import TrainerWeightTransferEngine
 
 from hapo.config import HapoConfig
+from hapo.runtime.cpus import resolve_rollout_dtype
 from hapo.transport.weight_sync import (
     GLOO_BACKEND,
     CastModuleSource,
@@ -88,7 +89,9 @@ class WeightPusher:
             None if token is None else token.get_secret_value(),
             timeout_s=trainer.weight_sync_timeout_s,
         )
-        dtype = _ROLLOUT_DTYPES.get(self.config.rollout.dtype, torch.bfloat16)
+        # The rollout's device decides ``auto``: NCCL means a GPU there, gloo a CPU.
+        gpu_rollout = self.backend != GLOO_BACKEND
+        dtype = _ROLLOUT_DTYPES[resolve_rollout_dtype(self.config.rollout.dtype, gpu_rollout)]
         world_size = rollout_world_size(self.config)
         if self.backend == GLOO_BACKEND:
             source = CastModuleSource(self.model, dtype, torch.device("cpu"))

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hapo.runtime.cpus import format_cpu_list, parse_cpu_list
+from hapo.runtime.cpus import format_cpu_list, parse_cpu_list, resolve_rollout_dtype
 
 
 def _reference_format(cpus: set[int]) -> str:
@@ -42,3 +42,15 @@ def test_parse_accepts_overlaps_and_spaces() -> None:
 def test_parse_names_the_bad_part(text: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_cpu_list(text)
+
+
+@pytest.mark.parametrize(
+    ("configured", "cuda", "native_bf16", "expected"),
+    [("auto", True, False, "bfloat16"), ("auto", False, True, "bfloat16"),
+     ("auto", False, False, "float32"), ("float16", False, False, "float16"),
+     ("bfloat16", False, False, "bfloat16"), ("float32", True, True, "float32")],
+)  # fmt: skip
+def test_rollout_dtype_auto_is_bf16_only_where_it_is_native(
+    configured: str, cuda: bool, native_bf16: bool, expected: str
+) -> None:
+    assert resolve_rollout_dtype(configured, cuda, native_bf16) == expected

@@ -23,6 +23,7 @@ from hapo.algorithm import (
 )
 from hapo.algorithm import token_entropy as reference_entropy
 from hapo.config import HapoConfig, load_config
+from hapo.runtime.cpus import cpu_has_native_bf16
 from hapo.training.learner import (
     StepTargets,
     accumulate_gradients,
@@ -34,7 +35,6 @@ from hapo.training.policy import (
     TrainingBatch,
     build_batch,
     compute_dtype,
-    cpu_has_native_bf16,
     old_log_probs_and_entropy,
     policy_log_probs,
     sampling_log_probs,
