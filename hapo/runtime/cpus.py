@@ -19,7 +19,7 @@ RolloutDtype = Literal["bfloat16", "float16", "float32"]
 
 def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX). Elsewhere bf16 is
-    emulated: on an AVX2-only CPU a bf16 matrix product measured ~100x slower than fp32."""
+    emulated: on an AVX2-only CPU a bf16 matrix product measured over 100x slower than fp32."""
     try:
         flags = cpuinfo.read_text()
     except OSError:  # not Linux
