@@ -329,23 +329,23 @@ def summarise(runs: dict[int, Path]) -> dict:
     }  # fmt: skip
 
 
-def paired_with(summaries: dict[str, dict], reference: str = "hapo") -> None:
-    """Add to each other variant its held-out accuracy minus ``reference``'s, paired by
-    seed over the seeds both finished: ``heldout_minus_<reference>_mean`` and ``_ci95``
-    (Student-t over the paired differences) and ``paired_seeds``. The seed fixes the
-    problems' order and the sampling, and moves accuracy far more than the variants do;
-    a paired difference takes that shared part out."""
-    if reference not in summaries:
+def paired_with_hapo(summaries: dict[str, dict]) -> None:
+    """Add to each other variant its held-out accuracy minus hapo's, paired by seed over the
+    seeds both finished: ``heldout_minus_hapo_mean`` and ``_ci95`` (Student-t over the
+    paired differences) and ``paired_seeds``. The seed fixes the problems' order and the
+    sampling, and moves accuracy far more than the variants do; a paired difference takes
+    that shared part out."""
+    if "hapo" not in summaries:
         return
-    own = summaries[reference]["heldout_by_seed"]
+    hapo = summaries["hapo"]["heldout_by_seed"]
     for variant, summary in summaries.items():
-        if variant == reference:
+        if variant == "hapo":
             continue
-        seeds = [seed for seed in summary["heldout_by_seed"] if seed in own]
-        differences = [summary["heldout_by_seed"][seed] - own[seed] for seed in seeds]
+        seeds = [seed for seed in summary["heldout_by_seed"] if seed in hapo]
+        differences = [summary["heldout_by_seed"][seed] - hapo[seed] for seed in seeds]
         mean, interval = mean_ci95(differences) if differences else (math.nan, None)
-        summary[f"heldout_minus_{reference}_mean"] = _rounded(mean)
-        summary[f"heldout_minus_{reference}_ci95"] = _interval(interval)
+        summary["heldout_minus_hapo_mean"] = _rounded(mean)
+        summary["heldout_minus_hapo_ci95"] = _interval(interval)
         summary["paired_seeds"] = len(seeds)
 
 
@@ -447,7 +447,7 @@ def report(study: Path) -> dict:
         raise SystemExit(f"{study}: no such study folder")
     runs = finished_runs(study)
     summaries = {variant: summarise(seeds) for variant, seeds in runs.items()}
-    paired_with(summaries)
+    paired_with_hapo(summaries)
     settings_file, base_file = study / SETTINGS_FILE, study / BASE_EVAL_FILE
     settings = json.loads(settings_file.read_text()) if settings_file.is_file() else None
     base = json.loads(base_file.read_text()) if base_file.is_file() else None
