@@ -16,7 +16,9 @@ Run ``<variant>-s<seed>`` is ``hapo up --steps N --run-dir DIR/runs`` with ``see
 ``trainer.checkpoint_keep_last=1``: a study keeps one checkpoint per run), then ``hapo eval`` of
 its final checkpoint on ``--heldout`` (default ``<task>-heldout``: for
 ``builtin:addition2``, the held-out split that training never draws from), kept as
-``DIR/runs/<run id>/eval.json``. The base model is evaluated once (``DIR/base_eval.json``).
+``DIR/runs/<run id>/eval.json`` with the machine it ran on (``machine``: CPU model, CPUs,
+native bf16, the rollout's and the learner's resolved dtypes). The base model is evaluated
+once (``DIR/base_eval.json``).
 Runs go seed by seed (every variant of seed 0 first), so a study cut short compares all
 variants on the seeds it finished.
 
@@ -31,8 +33,8 @@ accuracy per seed and over seeds, held-out accuracy minus hapo's paired by seed,
 reward over the last 5 steps (means with Student-t 95% intervals, n - 1 degrees of
 freedom), token entropy over the last 5 steps (mean), and the base model's accuracy; and
 ``DIR/study_reward.png``: each variant's reward per step (5-step moving average), mean over
-seeds with the min-max band over seeds. ``--report-only`` only
-writes these. Last line:
+seeds with the min-max band over seeds, and the machines the runs ran on. ``--report-only``
+only writes these. Last line:
 {"bench": "study", ..., "base": {...}, "variants": {name: {"seeds": k, "heldout_mean": m,
 "heldout_ci95": [lo, hi], "reward_last_mean": r, "reward_last_ci95": [lo, hi],
 "entropy_last_mean": e, "heldout_minus_hapo_mean": d, "heldout_minus_hapo_ci95": [lo, hi],
@@ -56,8 +58,10 @@ from typing import NamedTuple
 import numpy as np
 
 from benchmarks.compare import HAPO_PARTS, LAST_STEPS, run_hapo, run_variant
+from hapo.config import load_config
 from hapo.data import BUILTIN_PREFIX, BUILTIN_TASKS, HELDOUT_SUFFIX
 from hapo.report import Columns, columns, moving_average, read_metrics
+from hapo.runtime.cpus import allowed_cpus, cpu_has_native_bf16, cpu_model, resolve_rollout_dtype
 
 VARIANTS: dict[str, list[str]] = {
     "hapo": [],
@@ -212,15 +216,37 @@ def check_settings(study: Path, settings: dict) -> None:
         raise SystemExit(f"{path}: this study ran with {was}; use those or another --dir")
 
 
-def save_eval(stdout: Path, target: Path) -> dict:
-    """Keep the last line of ``hapo eval``'s standard output (its JSON result) as
-    ``target``, written under a temporary name and renamed: an ``eval.json`` marks a
-    finished run, so a kill must not leave half of one."""
+def machine_facts(overrides: Sequence[str]) -> dict:
+    """The machine a run trains on and what ``auto`` resolved to there: the CPU kind decides
+    whether bf16 is native, hence the dtypes and the speed, so runs from different kinds are
+    told apart in the report."""
+    # Imported here: torch and transformers are only needed by a study that runs.
+    import torch
+
+    from hapo.training.policy import compute_dtype, learner_device
+
+    config = load_config(overrides=overrides)
+    learner_dtype = compute_dtype(config, learner_device(config))
+    return {
+        "cpu": cpu_model(),
+        "cpus": len(allowed_cpus()),
+        "native_bf16": cpu_has_native_bf16(),
+        "rollout_dtype": resolve_rollout_dtype(config.rollout.dtype, torch.cuda.is_available()),
+        "learner_dtype": "float32" if learner_dtype is None else "bfloat16",
+    }
+
+
+def save_eval(stdout: Path, target: Path, machine: dict | None = None) -> dict:
+    """Keep the last line of ``hapo eval``'s standard output (its JSON result), with the
+    ``machine`` it ran on, as ``target``, written under a temporary name and renamed: an
+    ``eval.json`` marks a finished run, so a kill must not leave half of one."""
     lines = [line for line in stdout.read_text().splitlines() if line.strip()]
     try:
         result = json.loads(lines[-1])
     except (IndexError, json.JSONDecodeError):
         raise SystemExit(f"{stdout}: the last line is not hapo eval's JSON result") from None
+    if machine is not None:
+        result["machine"] = machine
     tmp = target.with_name(target.name + ".tmp")
     tmp.write_text(json.dumps(result) + "\n")
     os.replace(tmp, target)
@@ -236,7 +262,7 @@ def evaluate(label: str, model: Path | None, heldout: str, n: int, overrides: li
         args += ["--model", str(model)]
     stdout = target.with_suffix(".out")
     run_hapo(args, label, target.with_suffix(".log"), stdout)
-    result = save_eval(stdout, target)
+    result = save_eval(stdout, target, machine_facts(overrides))
     print(f"[{label}] held-out accuracy {result['mean']:.3f} on {result['n']}", flush=True)
 
 
@@ -289,6 +315,28 @@ def finished_runs(study: Path) -> dict[str, dict[int, Path]]:
             found.setdefault(match["variant"], {})[int(match["seed"])] = eval_file.parent
     return {variant: dict(sorted(found[variant].items())) for variant in VARIANTS
             if variant in found}  # fmt: skip
+
+
+def machines(runs: dict[str, dict[int, Path]]) -> list[tuple[dict | None, int]]:
+    """The machines the finished runs ran on (``None``: not recorded), each with how many
+    runs, most runs first."""
+    counts: dict[str, int] = {}
+    for seeds in runs.values():
+        for run in seeds.values():
+            machine = json.loads((run / EVAL_FILE).read_text()).get("machine")
+            key = json.dumps(machine, sort_keys=True)
+            counts[key] = counts.get(key, 0) + 1
+    ranked = sorted(counts.items(), key=lambda item: -item[1])
+    return [(json.loads(key), count) for key, count in ranked]
+
+
+def _machine_line(machine: dict | None, count: int) -> str:
+    runs = f"{count} run{'s' * (count != 1)}"
+    if machine is None:
+        return f"- not recorded: {runs}"
+    bf16 = "native" if machine["native_bf16"] else "emulated"
+    return (f"- {machine['cpu']}, {machine['cpus']} CPUs, bf16 {bf16}; rollout "
+            f"{machine['rollout_dtype']}, learner {machine['learner_dtype']}: {runs}")  # fmt: skip
 
 
 def _last_mean(cols: Columns, key: str) -> float:
@@ -363,8 +411,10 @@ def _cell(mean: float | None, interval: list[float] | None) -> str:
     return f"{mean:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]"
 
 
-def table(summaries: dict[str, dict], base: dict | None, settings: dict | None) -> str:
-    """``study.md``: the settings, the base model's accuracy and one row per variant."""
+def table(summaries: dict[str, dict], base: dict | None, settings: dict | None,
+          ran_on: Sequence[tuple[dict | None, int]] = ()) -> str:  # fmt: skip
+    """``study.md``: the settings, the base model's accuracy, one row per variant and the
+    machines the runs ran on (``machines``)."""
     lines = ["# Ablation study of HAPO's parts", ""]
     if settings is not None:
         lines += [
@@ -402,6 +452,8 @@ def table(summaries: dict[str, dict], base: dict | None, settings: dict | None) 
             f"{_cell(s['reward_last_mean'], s['reward_last_ci95'])} | "
             f"{_cell(s['entropy_last_mean'], None)} |"
         )
+    if ran_on:
+        lines += ["", "Machines:", *(_machine_line(machine, count) for machine, count in ran_on)]
     return "\n".join(lines) + "\n\n![reward](study_reward.png)\n"
 
 
@@ -451,7 +503,7 @@ def report(study: Path) -> dict:
     settings_file, base_file = study / SETTINGS_FILE, study / BASE_EVAL_FILE
     settings = json.loads(settings_file.read_text()) if settings_file.is_file() else None
     base = json.loads(base_file.read_text()) if base_file.is_file() else None
-    (study / "study.md").write_text(table(summaries, base, settings))
+    (study / "study.md").write_text(table(summaries, base, settings, machines(runs)))
     if runs:
         plot(runs, study / "study_reward.png")
     return {

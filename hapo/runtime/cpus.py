@@ -27,6 +27,20 @@ def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
 
 
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name as ``/proc/cpuinfo`` gives it (``"unknown"`` where it does not):
+    figures measured on different CPU kinds are not comparable, so results carry it."""
+    try:
+        lines = cpuinfo.read_text().splitlines()
+    except OSError:  # not Linux
+        return "unknown"
+    for line in lines:
+        key, colon, value = line.partition(":")
+        if colon and key.strip() == "model name":
+            return value.strip()
+    return "unknown"
+
+
 def resolve_rollout_dtype(
     configured: str, cuda: bool, native_bf16: bool | None = None
 ) -> RolloutDtype:

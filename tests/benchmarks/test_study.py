@@ -19,6 +19,7 @@ from benchmarks.study import (
     Job,
     check_settings,
     default_heldout,
+    machine_facts,
     main,
     mean_ci95,
     plan,
@@ -27,6 +28,7 @@ from benchmarks.study import (
     t_975,
 )
 from hapo.config import load_config
+from hapo.runtime.cpus import cpu_model
 
 # --- variants ------------------------------------------------------------------------
 
@@ -128,8 +130,9 @@ def test_mean_and_t_interval_by_hand() -> None:
 
 def _run(study_dir: Path, run_id: str, rewards: list[float] | None = None,
          entropy: float = 1.0, checkpoint: int | None = None,
-         accuracy: float | None = None) -> Path:  # fmt: skip
-    """A fake run folder: metrics (one line per reward), a checkpoint folder, an eval."""
+         accuracy: float | None = None, machine: dict | None = None) -> Path:  # fmt: skip
+    """A fake run folder: metrics (one line per reward), a checkpoint folder, an eval (with
+    the ``machine`` it ran on, if given)."""
     run = study_dir / "runs" / run_id
     run.mkdir(parents=True)
     if rewards is not None:
@@ -140,7 +143,8 @@ def _run(study_dir: Path, run_id: str, rewards: list[float] | None = None,
     if checkpoint is not None:
         (run / "checkpoints" / f"step_{checkpoint:08d}").mkdir(parents=True)
     if accuracy is not None:
-        (run / "eval.json").write_text(json.dumps({"mean": accuracy, "n": 200}) + "\n")
+        result = {"mean": accuracy, "n": 200} | ({"machine": machine} if machine else {})
+        (run / "eval.json").write_text(json.dumps(result) + "\n")
     return run
 
 
@@ -173,6 +177,9 @@ def test_save_eval_keeps_the_last_line_whole(tmp_path: Path) -> None:
     assert save_eval(stdout, tmp_path / "eval.json") == {"mean": 0.25, "n": 4}
     assert json.loads((tmp_path / "eval.json").read_text()) == {"mean": 0.25, "n": 4}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json", "eval.out"]
+    with_machine = save_eval(stdout, tmp_path / "eval.json", {"cpu": "x"})
+    assert with_machine == {"mean": 0.25, "n": 4, "machine": {"cpu": "x"}}
+    assert json.loads((tmp_path / "eval.json").read_text()) == with_machine
     stdout.write_text("Traceback ...\n")
     with pytest.raises(SystemExit, match="not hapo eval's JSON"):
         save_eval(stdout, tmp_path / "other.json")
@@ -227,6 +234,10 @@ def test_a_restarted_study_does_only_what_is_left(
     assert result["variants"]["hapo"]["seeds"] == 2 and result["variants"]["grpo"]["seeds"] == 2
     assert result["base"] == {"heldout_mean": 0.5, "heldout_ci95": [0.2, 0.8]}
 
+    machine = json.loads((tmp_path / "runs" / "grpo-s1" / "eval.json").read_text())["machine"]
+    assert machine["cpu"] == cpu_model() and machine["cpus"] >= 1
+    assert "Machines:" in (tmp_path / "study.md").read_text()
+
     # Once everything is finished, a restart runs nothing; another budget is refused.
     ups.clear()
     evals.clear()
@@ -234,6 +245,16 @@ def test_a_restarted_study_does_only_what_is_left(
     assert ups == [] and evals == []
     with pytest.raises(SystemExit, match="steps=3"):
         main([*argv[2:], "--steps", "4"])
+
+
+def test_machine_facts_resolve_what_the_config_leaves_to_the_machine() -> None:
+    fixed = machine_facts(["trainer.precision=bf16", "rollout.dtype=float16"])
+    assert (fixed["learner_dtype"], fixed["rollout_dtype"]) == ("bfloat16", "float16")
+    assert machine_facts(["trainer.precision=fp32"])["learner_dtype"] == "float32"
+    # On a CPU machine ``auto`` follows native bf16 (the suite runs without a GPU).
+    auto = machine_facts(["trainer.device=cpu"])
+    expected = "bfloat16" if auto["native_bf16"] else "float32"
+    assert (auto["learner_dtype"], auto["rollout_dtype"]) == (expected, expected)
 
 
 # --- report --------------------------------------------------------------------------
@@ -245,9 +266,11 @@ def test_report_from_finished_runs(tmp_path: Path, capsys: pytest.CaptureFixture
     for seed, accuracy in zip(rewards, [0.5, 0.6, 0.7], strict=True):
         _run(tmp_path, f"hapo-s{seed}", rewards[seed], entropy=1.0 + seed, checkpoint=7,
              accuracy=accuracy)  # fmt: skip
-    _run(tmp_path, "grpo-s0", [0.2] * 7, checkpoint=7, accuracy=0.3)
+    epyc = {"cpu": "AMD EPYC", "cpus": 2, "native_bf16": False, "rollout_dtype": "float32",
+            "learner_dtype": "float32"}  # fmt: skip
+    _run(tmp_path, "grpo-s0", [0.2] * 7, checkpoint=7, accuracy=0.3, machine=epyc)
     _run(tmp_path, "grpo-s1", [0.2] * 4, checkpoint=4)  # not finished: left out
-    _run(tmp_path, "grpo-s2", [0.2] * 7, checkpoint=7, accuracy=0.4)
+    _run(tmp_path, "grpo-s2", [0.2] * 7, checkpoint=7, accuracy=0.4, machine=epyc)
     _run(tmp_path, "no_ada_clip-s5", [0.2] * 7, checkpoint=7, accuracy=0.9)  # hapo has no s5
     (tmp_path / "runs" / "notes").mkdir()
     (tmp_path / "base_eval.json").write_text(
@@ -295,4 +318,7 @@ def test_report_from_finished_runs(tmp_path: Path, capsys: pytest.CaptureFixture
     ) in markdown
     assert "| no_ada_clip | ada_clip | 1 | s5: 0.900 | 0.900 | n/a (0 seeds) |" in markdown
     assert "Base model: held-out accuracy 0.200 [0.150, 0.260]" in markdown
+    assert markdown.index("- not recorded: 4 runs") < markdown.index(
+        "- AMD EPYC, 2 CPUs, bf16 emulated; rollout float32, learner float32: 2 runs"
+    )
     assert (tmp_path / "study_reward.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,13 +1,15 @@
 """CPU lists in the kernel's notation, checked against a reference that expands and
-compresses by brute force."""
+compresses by brute force; the CPU's model name and the rollout dtype ``auto`` resolves to."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hapo.runtime.cpus import format_cpu_list, parse_cpu_list, resolve_rollout_dtype
+from hapo.runtime.cpus import cpu_model, format_cpu_list, parse_cpu_list, resolve_rollout_dtype
 
 
 def _reference_format(cpus: set[int]) -> str:
@@ -54,3 +56,16 @@ def test_rollout_dtype_auto_is_bf16_only_where_it_is_native(
     configured: str, cuda: bool, native_bf16: bool, expected: str
 ) -> None:
     assert resolve_rollout_dtype(configured, cuda, native_bf16) == expected
+
+
+def test_cpu_model_is_the_first_model_name(tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(
+        "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel\t\t: 1\n"
+        "model name\t: AMD EPYC 7B13 64-Core Processor\nflags\t\t: avx2\n\n"
+        "processor\t: 1\nmodel name\t: AMD EPYC 7B13 64-Core Processor\n"
+    )
+    assert cpu_model(cpuinfo) == "AMD EPYC 7B13 64-Core Processor"
+    cpuinfo.write_text("processor\t: 0\nmodel\t\t: 1\n")  # e.g. some ARM kernels
+    assert cpu_model(cpuinfo) == "unknown"
+    assert cpu_model(tmp_path / "absent") == "unknown"
