@@ -240,7 +240,12 @@ def up(
             _start(commands, env, logs, processes, signals, pins)
             console.print(f"run {run_id}: logs in {logs}")
             host = "127.0.0.1" if config.api.host in ("0.0.0.0", "::") else config.api.host
-            token = env[env_var_name("api.token")] if config.api.token is None else "your api.token"
+            if config.api.token is not None:
+                token = "your api.token"
+            elif console.is_terminal:
+                token = env[env_var_name("api.token")]
+            else:  # output to a file is a log, and secrets stay out of logs
+                token = f"not shown (not a terminal); set {env_var_name('api.token')}"
             console.print(f"run page: http://{host}:{config.api.port}/  token: {token}")
             metrics_file = run_dir / "metrics.jsonl"
             total = config.trainer.total_steps

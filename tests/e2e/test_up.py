@@ -50,6 +50,8 @@ def test_up_runs_exactly_the_requested_steps(
     assert "trainer exited with 0" in result.stdout
     # `hapo up` made a token for the session; services log the config with it masked.
     assert '"token":"**********"' in logs["trainer"] and '"token":"**********"' in logs["rollout"]
+    # Its output is a pipe, not a terminal: the session's token is not printed there.
+    assert "token: not shown (not a terminal)" in result.stdout
     # --pin: the trainer ran on its CPU only, the others where the launcher may run.
     assert f"on CPUs {pinned}\n" in logs["trainer"]
     assert f"on CPUs {format_cpu_list(cpus)}\n" in logs["rollout"]
