@@ -3,7 +3,7 @@ budget, each final checkpoint scored on problems it never trained on.
 
     hapo bench study [--steps 20] [--seeds 0 1 2] [--variants NAME ...] [--dir runs/study]
                      [--task builtin:addition2] [--heldout SPEC] [--eval-n 200]
-                     [--report-only] [-- overrides ...]
+                     [--report-only] [--export DIR] [-- overrides ...]
 
 Variants (``VARIANTS``): ``hapo`` (every part on: the default config), ``grpo`` (every part
 off), and one part off at a time: ``no_adaptive_temperature``, ``no_token_advantage``
@@ -34,7 +34,10 @@ reward over the last 5 steps (means with Student-t 95% intervals, n - 1 degrees 
 freedom), token entropy over the last 5 steps (mean), and the base model's accuracy; and
 ``DIR/study_reward.png``: each variant's reward per step (5-step moving average), mean over
 seeds with the min-max band over seeds, and the machines the runs ran on. ``--report-only``
-only writes these. Last line:
+only writes these. ``--export DIR`` then copies the results (these files, the settings, the
+base eval and each finished run's folder, without its checkpoints) to ``DIR``, a study
+folder small enough to commit or share; a later start with ``--dir`` set to a copy of it
+skips those runs. Last line:
 {"bench": "study", ..., "base": {...}, "variants": {name: {"seeds": k, "heldout_mean": m,
 "heldout_ci95": [lo, hi], "reward_last_mean": r, "reward_last_ci95": [lo, hi],
 "entropy_last_mean": e, "heldout_minus_hapo_mean": d, "heldout_minus_hapo_ci95": [lo, hi],
@@ -49,6 +52,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -516,6 +520,24 @@ def report(study: Path) -> dict:
     }  # fmt: skip
 
 
+def export(study: Path, target: Path) -> list[str]:
+    """Copy the study's results to ``target``: its settings, base eval, table and plot, and
+    the folder of every finished run less its checkpoints (gigabytes a run: model and
+    optimizer state). Unfinished runs are left out, so a study resumed from ``target``
+    starts them afresh. Returns the run ids copied."""
+    (target / RUNS).mkdir(parents=True, exist_ok=True)
+    for name in (SETTINGS_FILE, BASE_EVAL_FILE, "study.md", "study_reward.png"):
+        if (study / name).is_file():
+            shutil.copy2(study / name, target / name)
+    copied = []
+    for seeds in finished_runs(study).values():
+        for run in seeds.values():
+            shutil.copytree(run, target / RUNS / run.name, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("checkpoints", "*.tmp"))  # fmt: skip
+            copied.append(run.name)
+    return copied
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         prog="hapo bench study",
@@ -534,6 +556,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval-n", type=int, default=200, help="held-out problems per eval")
     parser.add_argument("--report-only", action="store_true",
                         help="only write the table and plot from the finished runs")  # fmt: skip
+    parser.add_argument("--export", type=Path, metavar="DIR",
+                        help="then copy the results, without checkpoints, to DIR")  # fmt: skip
     own, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(own)
     seeds = list(dict.fromkeys(args.seeds))
@@ -550,6 +574,9 @@ def main(argv: list[str] | None = None) -> dict:
         jobs = plan(args.dir, variants, seeds, args.steps)
         run_study(args.dir, jobs, args.steps, args.task, heldout, args.eval_n, overrides)
     result = report(args.dir)
+    if args.export is not None:
+        copied = export(args.dir, args.export)
+        print(f"exported {len(copied)} finished runs to {args.export}", file=sys.stderr)
     print((args.dir / "study.md").read_text())
     print(json.dumps(result))
     return result

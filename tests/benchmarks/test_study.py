@@ -322,3 +322,24 @@ def test_report_from_finished_runs(tmp_path: Path, capsys: pytest.CaptureFixture
         "- AMD EPYC, 2 CPUs, bf16 emulated; rollout float32, learner float32: 2 runs"
     )
     assert (tmp_path / "study_reward.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_export_copies_finished_runs_without_checkpoints(tmp_path: Path) -> None:
+    study_dir, target = tmp_path / "study", tmp_path / "export"
+    (_run(study_dir, "hapo-s0", [0.1, 0.2], checkpoint=2, accuracy=0.5) / "logs").mkdir()
+    _run(study_dir, "grpo-s0", [0.1], checkpoint=1)  # unfinished: left out
+    check_settings(study_dir, {"steps": 2, "task": "builtin:addition2", "eval_n": 8,
+                               "heldout": "builtin:addition2-heldout", "overrides": []})  # fmt: skip
+
+    main(["--report-only", "--dir", str(study_dir), "--export", str(target)])
+
+    exported = sorted(str(path.relative_to(target)) for path in target.rglob("*"))
+    assert exported == [
+        "runs", "runs/hapo-s0", "runs/hapo-s0/eval.json", "runs/hapo-s0/logs",
+        "runs/hapo-s0/metrics.jsonl", "study.json", "study.md", "study_reward.png",
+    ]  # fmt: skip
+    assert (target / "study.md").read_text() == (study_dir / "study.md").read_text()
+    # A study resumed from the export skips the finished run and starts the other afresh.
+    assert plan(target, ["hapo", "grpo"], [0], steps=2) == [
+        Job("hapo", 0, Action.DONE), Job("grpo", 0, Action.START),
+    ]  # fmt: skip
