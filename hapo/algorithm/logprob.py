@@ -1,6 +1,6 @@
 """Log-probs of taken tokens, a chunk of vocabulary logits at a time: at one temperature
-from hidden states, with a backward pass that recomputes each chunk instead of keeping the
-``[N, V]`` logits; and, without gradient, at each token's own adaptive sampling
+from hidden states, with a backward pass that recomputes each chunk but the last instead of
+keeping the ``[N, V]`` logits; and, without gradient, at each token's own adaptive sampling
 temperature, as the rollout reports them."""
 
 from __future__ import annotations
@@ -17,8 +17,12 @@ class _TakenLogProb(torch.autograd.Function):
     """Log-prob of target tokens from hidden states, chunk by chunk, and its gradient.
 
     Autograd through a plain chunk loop would keep every chunk's logits for the backward
-    pass, i.e. the whole ``[N, V]`` fp32 tensor after all. This saves only the hidden
-    states and the ``[N]`` log-normalisers and recomputes each chunk's logits in backward.
+    pass, i.e. the whole ``[N, V]`` fp32 tensor after all. This saves the hidden states,
+    the ``[N]`` log-normalisers and the last chunk's probabilities (``keep_last``: one
+    chunk's memory, held from forward to backward), and recomputes the other chunks' logits
+    in backward. A micro-batch's response tokens usually fit one chunk, so its backward
+    usually skips the recomputation (a ``[c, H] x [H, V]`` product and an exp over
+    ``[c, V]``) altogether.
     """
 
     @staticmethod
@@ -30,11 +34,13 @@ class _TakenLogProb(torch.autograd.Function):
         temperature: float,
         chunk_size: int,
         with_entropy: bool,
+        keep_last: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         rows = hidden.shape[0]
         log_prob = torch.empty(rows, dtype=torch.float32, device=hidden.device)
         log_norm = torch.empty_like(log_prob)
         entropy = torch.empty_like(log_prob) if with_entropy else log_prob.new_empty(0)
+        last_probs = log_prob.new_empty(0)
         for start in range(0, rows, chunk_size):
             end = start + chunk_size
             logits = chunk_logits(hidden[start:end], weight, temperature)
@@ -43,7 +49,9 @@ class _TakenLogProb(torch.autograd.Function):
             log_prob[start:end] = taken - log_norm[start:end]
             if with_entropy:
                 entropy[start:end] = token_entropy(logits)
-        ctx.save_for_backward(hidden, weight, targets, log_norm)
+            if keep_last and end >= rows:
+                last_probs = logits.sub_(log_norm[start:end, None]).exp_()
+        ctx.save_for_backward(hidden, weight, targets, log_norm, last_probs)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
         ctx.mark_non_differentiable(entropy)
         return log_prob, entropy
@@ -53,24 +61,25 @@ class _TakenLogProb(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx,
         grad_log_prob: torch.Tensor,
         grad_entropy: torch.Tensor,
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None, None]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None, None, None]:
         del grad_entropy  # entropy is a statistic, never differentiated
-        hidden, weight, targets, log_norm = ctx.saved_tensors
+        hidden, weight, targets, log_norm, last_probs = ctx.saved_tensors
         temperature, chunk_size = ctx.temperature, ctx.chunk_size
         needs_hidden, needs_weight = ctx.needs_input_grad[:2]
         grad_hidden = torch.empty_like(hidden) if needs_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_weight else None
-        for start in range(0, hidden.shape[0], chunk_size):
+        rows = hidden.shape[0]
+        for start in range(0, rows, chunk_size):
             end = start + chunk_size
             chunk = hidden[start:end]
             grad = grad_log_prob[start:end, None].float()
             # d log_softmax(z)[target] / dz = onehot(target) - softmax(z), times 1/T for z/T.
-            grad_logits = (
-                chunk_logits(chunk, weight, temperature)
-                .sub_(log_norm[start:end, None])
-                .exp_()
-                .mul_(-grad)
-            )
+            if end >= rows and last_probs.numel():
+                # Not in place: a second backward (retain_graph) reads the kept ones again.
+                grad_logits = last_probs.mul(-grad)
+            else:
+                probs = chunk_logits(chunk, weight, temperature).sub_(log_norm[start:end, None])
+                grad_logits = probs.exp_().mul_(-grad)
             grad_logits.scatter_add_(-1, targets[start:end, None], grad)
             if temperature != 1.0:
                 grad_logits.div_(temperature)
@@ -81,7 +90,7 @@ class _TakenLogProb(torch.autograd.Function):
                 grad_weight += (grad_logits.T @ chunk).float()
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 def taken_log_probs_chunked(
@@ -95,10 +104,11 @@ def taken_log_probs_chunked(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``log softmax(hidden @ weight.T / T)[target]`` per row, ``chunk_size`` rows at a time.
 
-    The logits of one chunk (``chunk_size x V`` fp32) exist at a time, in forward and in
-    backward. Entropy, when asked for, is ``hapo.algorithm.token_entropy`` of the same
-    chunk logits (what ``entropy_from_logits_chunked`` computes), so one vocabulary
-    projection serves both.
+    The logits of one chunk (``chunk_size x V`` fp32) exist at a time, plus, when a
+    backward pass will follow, the last chunk's probabilities from forward to backward
+    (which then need not recompute them). Entropy, when asked for, is
+    ``hapo.algorithm.token_entropy`` of the same chunk logits (what
+    ``entropy_from_logits_chunked`` computes), so one vocabulary projection serves both.
 
     Args:
         hidden: ``[N, H]`` final hidden states, any float dtype; differentiable.
@@ -113,8 +123,10 @@ def taken_log_probs_chunked(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    # The last chunk's probabilities are kept only for a backward pass that will happen.
+    keep_last = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     log_prob, entropy = _TakenLogProb.apply(
-        hidden, weight, targets, temperature, chunk_size, with_entropy
+        hidden, weight, targets, temperature, chunk_size, with_entropy, keep_last
     )
     return log_prob, entropy if with_entropy else None
 

@@ -161,6 +161,24 @@ def test_chunked_log_probs_equal_unchunked(
         assert entropy is None
 
 
+def test_chunked_log_probs_backward_twice_gives_the_same_gradients() -> None:
+    """The last chunk's probabilities are kept for backward: a second backward through the
+    same graph (``retain_graph``) must find them unchanged."""
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(7, 16, generator=generator, requires_grad=True)
+    weight = torch.randn(50, 16, generator=generator, requires_grad=True)
+    targets = torch.randint(0, 50, (7,), generator=generator)
+    for chunk_size in (3, 7):  # the last of three chunks; one chunk
+        log_prob, _ = taken_log_probs_chunked(hidden, weight, targets, chunk_size=chunk_size)
+        log_prob.sum().backward(retain_graph=True)
+        first = hidden.grad.clone(), weight.grad.clone()
+        hidden.grad = weight.grad = None
+        log_prob.sum().backward()
+        torch.testing.assert_close(hidden.grad, first[0], rtol=0, atol=0)
+        torch.testing.assert_close(weight.grad, first[1], rtol=0, atol=0)
+        hidden.grad = weight.grad = None
+
+
 def test_padded_batch_log_probs_equal_each_sample_alone(
     model: LlamaForCausalLM, batch: TrainingBatch
 ) -> None:
