@@ -67,7 +67,7 @@ class _TakenLogProb(torch.autograd.Function):
         temperature, chunk_size = ctx.temperature, ctx.chunk_size
         needs_hidden, needs_weight = ctx.needs_input_grad[:2]
         grad_hidden = torch.empty_like(hidden) if needs_hidden else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_weight else None
+        grad_weight = None  # fp32 [V, H], the sum over chunks
         rows = hidden.shape[0]
         for start in range(0, rows, chunk_size):
             end = start + chunk_size
@@ -86,8 +86,10 @@ class _TakenLogProb(torch.autograd.Function):
             grad_logits = grad_logits.to(hidden.dtype)
             if grad_hidden is not None:
                 grad_hidden[start:end] = grad_logits @ weight
-            if grad_weight is not None:
-                grad_weight += (grad_logits.T @ chunk).float()
+            if needs_weight:
+                # The first chunk's product is the sum so far: no [V, H] zeros to fill and add.
+                product = (grad_logits.T @ chunk).float()
+                grad_weight = product if grad_weight is None else grad_weight.add_(product)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None, None, None

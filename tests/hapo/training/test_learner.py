@@ -412,6 +412,32 @@ def test_warmup_is_linear_from_the_first_step(model: LlamaForCausalLM) -> None:
     assert seen == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
 
 
+def test_optimizer_is_fused_adamw_as_written() -> None:
+    """Three steps of ``make_optimizer``'s (fused) AdamW against AdamW written out:
+    decoupled weight decay, bias-corrected moments, the default betas and epsilon."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(5, 3, generator=generator))
+    optim = _config(
+        "actor_rollout_ref.actor.optim.lr=1e-2", "actor_rollout_ref.actor.optim.lr_warmup_steps=0"
+    ).actor_rollout_ref.actor.optim
+    optimizer, _ = make_optimizer(torch.nn.ParameterList([weight]), optim)
+    assert optimizer.defaults["fused"] is True
+
+    expected = weight.detach().clone()
+    first, second = torch.zeros_like(expected), torch.zeros_like(expected)
+    beta1, beta2, eps, lr, decay = 0.9, 0.999, 1e-8, 1e-2, optim.weight_decay
+    for step in range(1, 4):
+        grad = torch.randn(5, 3, generator=generator)
+        weight.grad = grad.clone()
+        optimizer.step()
+        expected -= lr * decay * expected
+        first = beta1 * first + (1 - beta1) * grad
+        second = beta2 * second + (1 - beta2) * grad**2
+        corrected = first / (1 - beta1**step), second / (1 - beta2**step)
+        expected -= lr * corrected[0] / (corrected[1].sqrt() + eps)
+        torch.testing.assert_close(weight.detach(), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_unsupported_output_head_is_refused(model: LlamaForCausalLM, batch: TrainingBatch) -> None:
     model.lm_head = torch.nn.Linear(64, VOCAB, bias=True)
     with pytest.raises(ValueError, match="unsupported output head"):
