@@ -74,29 +74,34 @@ def learner_step_flops(
     prompt_len: int,
     response_len: int,
     config: HapoConfig,
+    *,
+    attention: bool = True,
 ) -> float:
     """Model FLOPs of one ``learner_step`` on ``groups`` prompts of ``prompt_len`` tokens
     with ``group_size`` responses of ``response_len`` each (a Llama-type ``architecture``).
 
-    A forward multiplies by every weight matrix of the layers once per token (2 FLOPs a
-    weight), each prompt once per group (its KV cache serves the group's responses), and
-    by the vocabulary projection for response tokens only; attention adds 4 x layers x
-    hidden FLOPs per token and position attended. The step runs the ``pi_prox`` forward
-    (twice with ``recompute_at_sampling_temperature``) and, per epoch, a forward and a
-    backward (twice the forward's FLOPs) over the whole batch.
+    A forward multiplies by every weight matrix of the layers once per token it feeds (2
+    FLOPs a weight): each prompt once per group (its KV cache serves the group's responses)
+    and each response but its last token, which predicts nothing; and by the vocabulary
+    projection for response tokens only. ``attention`` adds 4 x layers x hidden FLOPs per
+    token and position attended (torch's CPU attention kernel is not in torch's own FLOP
+    count, so the test compares without it). The step runs the ``pi_prox`` forward (twice
+    with ``recompute_at_sampling_temperature``) and, per epoch, a forward and a backward
+    (twice the forward's FLOPs) over the whole batch.
     """
     hidden, layers = architecture.hidden_size, architecture.num_hidden_layers
     head_dim = getattr(architecture, "head_dim", None) or hidden // architecture.num_attention_heads
     kv = architecture.num_key_value_heads * head_dim
     per_layer = hidden * (hidden + 2 * kv + hidden) + 3 * hidden * architecture.intermediate_size
-    prompt_tokens, response_tokens = groups * prompt_len, groups * group_size * response_len
-    attended = groups * prompt_len * (prompt_len + 1) / 2 + response_tokens * (
-        prompt_len + (response_len + 1) / 2
+    samples, fed = groups * group_size, response_len - 1
+    prompt_tokens, response_tokens = groups * prompt_len, samples * response_len
+    attended = groups * prompt_len * (prompt_len + 1) / 2 + samples * fed * (
+        prompt_len + response_len / 2
     )
     forward = (
-        2 * layers * per_layer * (prompt_tokens + response_tokens)
+        2 * layers * per_layer * (prompt_tokens + samples * fed)
         + 2 * hidden * architecture.vocab_size * response_tokens
-        + 4 * layers * hidden * attended
+        + attention * 4 * layers * hidden * attended
     )
     correction = config.algorithm.rollout_correction
     prox_forwards = 2 if correction.recompute_at_sampling_temperature else 1
