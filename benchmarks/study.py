@@ -17,10 +17,9 @@ Run ``<variant>-s<seed>`` is ``hapo up --steps N --run-dir DIR/runs`` with ``see
 its final checkpoint on ``--heldout`` (default ``<task>-heldout``: for
 ``builtin:addition2``, the held-out split that training never draws from), kept as
 ``DIR/runs/<run id>/eval.json`` with the machine it ran on (``machine``: CPU model, CPUs,
-native bf16, the rollout's and the learner's resolved dtypes). The base model is evaluated
-once (``DIR/base_eval.json``).
-Runs go seed by seed (every variant of seed 0 first), so a study cut short compares all
-variants on the seeds it finished.
+native bf16, the rollout's and the learner's resolved dtypes, the code's commit). The base
+model is evaluated once (``DIR/base_eval.json``). Runs go seed by seed (every variant of
+seed 0 first), so a study cut short compares all variants on the seeds it finished.
 
 Resume: start the study again with the same settings (kept in ``DIR/study.json``; a restart
 with other ones is refused, runs of other budgets would not compare). A run with its
@@ -53,6 +52,7 @@ import math
 import os
 import re
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -221,13 +221,18 @@ def check_settings(study: Path, settings: dict) -> None:
 
 
 def machine_facts(overrides: Sequence[str]) -> dict:
-    """The machine a run trains on and what ``auto`` resolved to there: the CPU kind decides
-    whether bf16 is native, hence the dtypes and the speed, so runs from different kinds are
-    told apart in the report."""
+    """The machine a run trains on, what ``auto`` resolved to there and the code's commit:
+    the CPU kind decides whether bf16 is native, hence the dtypes and the speed, so runs from
+    different kinds are told apart in the report."""
     # Imported here: torch and transformers are only needed by a study that runs.
     import torch
 
     from hapo.training.policy import compute_dtype, learner_device
+
+    describe = subprocess.run(
+        ["git", "-C", str(Path(__file__).resolve().parent), "describe", "--always", "--dirty"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
 
     config = load_config(overrides=overrides)
     learner_dtype = compute_dtype(config, learner_device(config))
@@ -237,6 +242,7 @@ def machine_facts(overrides: Sequence[str]) -> dict:
         "native_bf16": cpu_has_native_bf16(),
         "rollout_dtype": resolve_rollout_dtype(config.rollout.dtype, torch.cuda.is_available()),
         "learner_dtype": "float32" if learner_dtype is None else "bfloat16",
+        "commit": describe.stdout.strip() or None,  # None: not run from a git checkout
     }
 
 

@@ -236,6 +236,7 @@ def test_a_restarted_study_does_only_what_is_left(
 
     machine = json.loads((tmp_path / "runs" / "grpo-s1" / "eval.json").read_text())["machine"]
     assert machine["cpu"] == cpu_model() and machine["cpus"] >= 1
+    assert machine["commit"] is None or len(machine["commit"]) >= 7  # a git checkout or not
     assert "Machines:" in (tmp_path / "study.md").read_text()
 
     # Once everything is finished, a restart runs nothing; another budget is refused.
