@@ -328,8 +328,8 @@ def finished_runs(study: Path) -> dict[str, dict[int, Path]]:
 
 
 def machines(runs: dict[str, dict[int, Path]]) -> list[tuple[dict | None, int]]:
-    """The machines the finished runs ran on (``None``: not recorded), each with how many
-    runs, most runs first."""
+    """The machines (and code) the finished runs ran on (``None``: not recorded), each with
+    how many runs, most runs first."""
     counts: dict[str, int] = {}
     for seeds in runs.values():
         for run in seeds.values():
@@ -345,8 +345,9 @@ def _machine_line(machine: dict | None, count: int) -> str:
     if machine is None:
         return f"- not recorded: {runs}"
     bf16 = "native" if machine["native_bf16"] else "emulated"
-    return (f"- {machine['cpu']}, {machine['cpus']} CPUs, bf16 {bf16}; rollout "
-            f"{machine['rollout_dtype']}, learner {machine['learner_dtype']}: {runs}")  # fmt: skip
+    code = f", code {machine['commit']}" if machine.get("commit") else ""
+    dtypes = f"rollout {machine['rollout_dtype']}, learner {machine['learner_dtype']}"
+    return f"- {machine['cpu']}, {machine['cpus']} CPUs, bf16 {bf16}; {dtypes}{code}: {runs}"
 
 
 def _last_mean(cols: Columns, key: str) -> float:

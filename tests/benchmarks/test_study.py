@@ -271,7 +271,8 @@ def test_report_from_finished_runs(tmp_path: Path, capsys: pytest.CaptureFixture
             "learner_dtype": "float32"}  # fmt: skip
     _run(tmp_path, "grpo-s0", [0.2] * 7, checkpoint=7, accuracy=0.3, machine=epyc)
     _run(tmp_path, "grpo-s1", [0.2] * 4, checkpoint=4)  # not finished: left out
-    _run(tmp_path, "grpo-s2", [0.2] * 7, checkpoint=7, accuracy=0.4, machine=epyc)
+    _run(tmp_path, "grpo-s2", [0.2] * 7, checkpoint=7, accuracy=0.4,
+         machine=epyc | {"commit": "0e9bc57"})  # fmt: skip
     _run(tmp_path, "no_ada_clip-s5", [0.2] * 7, checkpoint=7, accuracy=0.9)  # hapo has no s5
     (tmp_path / "runs" / "notes").mkdir()
     (tmp_path / "base_eval.json").write_text(
@@ -320,7 +321,11 @@ def test_report_from_finished_runs(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "| no_ada_clip | ada_clip | 1 | s5: 0.900 | 0.900 | n/a (0 seeds) |" in markdown
     assert "Base model: held-out accuracy 0.200 [0.150, 0.260]" in markdown
     assert markdown.index("- not recorded: 4 runs") < markdown.index(
-        "- AMD EPYC, 2 CPUs, bf16 emulated; rollout float32, learner float32: 2 runs"
+        "- AMD EPYC, 2 CPUs, bf16 emulated; rollout float32, learner float32: 1 run"
+    )
+    assert (
+        "- AMD EPYC, 2 CPUs, bf16 emulated; rollout float32, learner float32, code 0e9bc57: 1 run"
+        in markdown
     )
     assert (tmp_path / "study_reward.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
