@@ -456,7 +456,7 @@ def table(summaries: dict[str, dict], base: dict | None, settings: dict | None,
         paired = "-"
         if "heldout_minus_hapo_mean" in s:
             paired = _cell(s["heldout_minus_hapo_mean"], s["heldout_minus_hapo_ci95"])
-            paired += f" ({s['paired_seeds']} seeds)"
+            paired += f" ({s['paired_seeds']} seed{'s' * (s['paired_seeds'] != 1)})"
         lines.append(
             f"| {variant} | {parts_off(variant)} | {s['seeds']} | {by_seed} | "
             f"{_cell(s['heldout_mean'], s['heldout_ci95'])} | {paired} | "
