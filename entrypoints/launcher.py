@@ -182,11 +182,12 @@ def _stop(processes: dict[str, subprocess.Popen], signals: _Signals) -> None:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + _STOP_TIMEOUT_S
-    while any(process.poll() is None for process in processes.values()):
+    # Poll once a round: a service may exit between two looks at it.
+    while running := next((p for p in processes.values() if p.poll() is None), None):
         if signals.forced or time.monotonic() > deadline:
             _kill_groups(processes)
         with contextlib.suppress(subprocess.TimeoutExpired):
-            next(p for p in processes.values() if p.poll() is None).wait(timeout=0.2)
+            running.wait(timeout=0.2)
     _wait_groups(processes, _LEFTOVER_GRACE_S, signals)
     _kill_groups(processes)  # e.g. an engine core its service left behind
     deadline = time.monotonic() + _LEFTOVER_GRACE_S
