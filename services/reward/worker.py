@@ -34,10 +34,6 @@ from hapo.transport.streams import (
 )
 from services.reward.app import RewardMetrics, WorkerState, create_app
 
-# How often the input and output streams are trimmed below what every group has
-# acknowledged.
-_TRIM_INTERVAL_S = 10.0
-
 
 def _failure(what: str, exc: BaseException) -> str:
     """A dead letter's reason: what failed, and the exception (its text cut at 500)."""
@@ -90,13 +86,11 @@ class RewardWorker:
         self.metrics = RewardMetrics()
         self.consumer.on_dead_letter = self.metrics.dead_lettered.inc
         self.state = WorkerState(client=self.client, metrics=self.metrics)
-        self._next_trim = 0.0
 
     async def run(self, stop: asyncio.Event) -> None:
         """Score batches until ``stop`` is set; the batch in hand is finished first."""
         await self.consumer.start()
         self.sandbox.start()
-        self._next_trim = time.monotonic() + _TRIM_INTERVAL_S
         try:
             await run_until_stopped(stop, self.consumer, self._turn)
         finally:
@@ -105,16 +99,15 @@ class RewardWorker:
             await self.client.aclose()
 
     async def _turn(self) -> None:
-        """One pass of the loop: score a batch, and trim the streams now and then."""
+        """One pass of the loop: score a batch, then trim the stream it came from."""
         self.state.scorer_alive = self.sandbox.alive
         entries = await self.consumer.read()
         if entries:
             await self.process(entries)
-        if time.monotonic() >= self._next_trim:
-            # Its input (each trainer trims its run's scored stream, which it acknowledges
-            # at checkpoints).
+            # Trim its input after every batch, so the stream stays within what the group
+            # has in hand however fast trajectories come (each trainer trims its run's
+            # scored stream, which it acknowledges at checkpoints).
             await trim_acknowledged(self.client, self.names.trajectories)
-            self._next_trim = time.monotonic() + _TRIM_INTERVAL_S
 
     async def process(self, entries: list[Entry]) -> None:
         """Score ``entries`` and publish the results; acknowledge all of them at once.
