@@ -30,17 +30,17 @@ evaluated. Seeds and variants can be added by a later start.
 Writes, from the finished runs, ``DIR/study.md``: per variant the seeds finished, held-out
 accuracy per seed and over seeds, held-out accuracy minus hapo's paired by seed, training
 reward over the last 5 steps (means with Student-t 95% intervals, n - 1 degrees of
-freedom), token entropy over the last 5 steps (mean), and the base model's accuracy; and
-``DIR/study_reward.png``: each variant's reward per step (5-step moving average), mean over
-seeds with the min-max band over seeds, and the machines the runs ran on. ``--report-only``
-only writes these. ``--export DIR`` then copies the results (these files, the settings, the
-base eval and each finished run's folder, without its checkpoints) to ``DIR``, a study
-folder small enough to commit or share; a later start with ``--dir`` set to a copy of it
-skips those runs. Last line:
+freedom), token entropy over the last 5 steps and training minutes (means); the base
+model's accuracy, and the machines the runs ran on; and ``DIR/study_reward.png``: each
+variant's reward per step (5-step moving average), mean over seeds with the min-max band
+over seeds. ``--report-only`` only writes these. ``--export DIR`` then copies the results
+(these files, the settings, the base eval and each finished run's folder, without its
+checkpoints) to ``DIR``, a study folder small enough to commit or share; a later start
+with ``--dir`` set to a copy of it skips those runs. Last line:
 {"bench": "study", ..., "base": {...}, "variants": {name: {"seeds": k, "heldout_mean": m,
 "heldout_ci95": [lo, hi], "reward_last_mean": r, "reward_last_ci95": [lo, hi],
-"entropy_last_mean": e, "heldout_minus_hapo_mean": d, "heldout_minus_hapo_ci95": [lo, hi],
-"paired_seeds": k, ...}}}
+"entropy_last_mean": e, "train_minutes_mean": w, "heldout_minus_hapo_mean": d,
+"heldout_minus_hapo_ci95": [lo, hi], "paired_seeds": k, ...}}}
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ from typing import NamedTuple
 import numpy as np
 
 from benchmarks.compare import HAPO_PARTS, LAST_STEPS, run_hapo, run_variant
+from benchmarks.stats import mean_ci95
 from hapo.config import load_config
 from hapo.data import BUILTIN_PREFIX, BUILTIN_TASKS, HELDOUT_SUFFIX
 from hapo.report import Columns, columns, moving_average, read_metrics
@@ -86,45 +87,6 @@ SETTINGS_FILE = "study.json"
 RUN_ID = re.compile(r"(?P<variant>[a-z_]+)-s(?P<seed>\d+)")
 OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=")
 """A config override, ``dotted.key=value``."""
-
-T_975 = (
-    12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
-    2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,
-    2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423,
-)  # fmt: skip
-"""0.975 quantiles of Student's t with 1, 2, ..., 30 degrees of freedom."""
-Z_975 = 1.959963984540054
-"""0.975 quantile of the standard normal."""
-
-
-def t_975(dof: int) -> float:
-    """The 0.975 quantile of Student's t with ``dof`` degrees of freedom (the half-width
-    factor of a two-sided 95% interval): ``T_975`` up to 30, beyond it the Cornish-Fisher
-    expansion around the normal quantile (Abramowitz & Stegun 26.7.5; error below 1e-7)."""
-    if dof < 1:
-        raise ValueError(f"degrees of freedom must be >= 1, got {dof}")
-    if dof <= len(T_975):
-        return T_975[dof - 1]
-    z = Z_975
-    terms = (
-        (z**3 + z) / 4,
-        (5 * z**5 + 16 * z**3 + 3 * z) / 96,
-        (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384,
-        (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160,
-    )
-    return z + sum(term / dof**power for power, term in enumerate(terms, 1))
-
-
-def mean_ci95(values: Sequence[float]) -> tuple[float, tuple[float, float] | None]:
-    """Mean of ``values`` (one per seed) and its 95% interval, ``mean ± t_975(n - 1) * s /
-    sqrt(n)`` with ``s`` the sample standard deviation; no interval for a single value."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, None
-    std = math.sqrt(sum((value - mean) ** 2 for value in values) / (n - 1))
-    half = t_975(n - 1) * std / math.sqrt(n)
-    return mean, (mean - half, mean + half)
 
 
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -371,12 +333,14 @@ def _interval(interval: tuple[float, float] | None) -> list[float] | None:
 
 def summarise(runs: dict[int, Path]) -> dict:
     """One variant's figures over its finished runs (by seed)."""
-    heldout, reward, entropy = [], [], []
+    heldout, reward, entropy, minutes = [], [], [], []
     for run in runs.values():
         heldout.append(float(json.loads((run / EVAL_FILE).read_text())["mean"]))
         cols = columns(read_metrics(run / "metrics.jsonl")[0])
         reward.append(_last_mean(cols, "reward/mean"))
         entropy.append(_last_mean(cols, "entropy/mean"))
+        # Every step's wall time, waiting for samples included; engine start-up is not.
+        minutes.append(float(np.nansum(cols.get("perf/wall_step_s", np.empty(0)))) / 60)
     heldout_mean, heldout_ci = mean_ci95(heldout)
     reward_mean, reward_ci = mean_ci95(reward)
     return {
@@ -385,6 +349,7 @@ def summarise(runs: dict[int, Path]) -> dict:
         "heldout_mean": _rounded(heldout_mean), "heldout_ci95": _interval(heldout_ci),
         "reward_last_mean": _rounded(reward_mean), "reward_last_ci95": _interval(reward_ci),
         "entropy_last_mean": _rounded(sum(entropy) / len(entropy)),
+        "train_minutes_mean": _rounded(sum(minutes) / len(minutes)),
     }  # fmt: skip
 
 
@@ -444,12 +409,13 @@ def table(summaries: dict[str, dict], base: dict | None, settings: dict | None,
         f"Means over seeds with 95% Student-t intervals (n - 1 degrees of freedom); "
         f'"minus hapo" is the held-out accuracy minus hapo\'s of the same seed, over the '
         f"seeds both finished; reward and entropy are each run's mean over its last "
-        f"{LAST_STEPS} steps.",
+        f"{LAST_STEPS} steps; training minutes, the sum of its steps' wall times (waiting "
+        f"for samples included, the engines' start-up not).",
         "",
         f"| variant | parts off | seeds | held-out by seed | held-out accuracy | minus hapo, "
         f"paired by seed | reward, last {LAST_STEPS} steps | entropy, last {LAST_STEPS} "
-        f"steps |",
-        "|---|---|---|---|---|---|---|---|",
+        f"steps | training minutes |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for variant, s in summaries.items():
         by_seed = ", ".join(f"s{seed}: {value:.3f}" for seed, value in s["heldout_by_seed"].items())
@@ -461,7 +427,7 @@ def table(summaries: dict[str, dict], base: dict | None, settings: dict | None,
             f"| {variant} | {parts_off(variant)} | {s['seeds']} | {by_seed} | "
             f"{_cell(s['heldout_mean'], s['heldout_ci95'])} | {paired} | "
             f"{_cell(s['reward_last_mean'], s['reward_last_ci95'])} | "
-            f"{_cell(s['entropy_last_mean'], None)} |"
+            f"{_cell(s['entropy_last_mean'], None)} | {s['train_minutes_mean']:.1f} |"
         )
     if ran_on:
         lines += ["", "Machines:", *(_machine_line(machine, count) for machine, count in ran_on)]

@@ -8,12 +8,10 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from benchmarks import study
 from benchmarks.study import (
-    T_975,
     VARIANTS,
     Action,
     Job,
@@ -21,11 +19,9 @@ from benchmarks.study import (
     default_heldout,
     machine_facts,
     main,
-    mean_ci95,
     plan,
     save_eval,
     split_overrides,
-    t_975,
 )
 from hapo.config import load_config
 from hapo.runtime.cpus import cpu_model
@@ -93,38 +89,6 @@ def test_default_heldout_is_the_builtin_split() -> None:
     assert default_heldout("data/train.jsonl") is None
 
 
-# --- statistics ----------------------------------------------------------------------
-
-
-def _t_cdf(t: float, dof: int) -> float:
-    """Student-t CDF at ``t > 0`` by integrating the density (trapezoid rule)."""
-    scale = math.exp(math.lgamma((dof + 1) / 2) - math.lgamma(dof / 2)) / math.sqrt(dof * math.pi)
-    x = np.linspace(0.0, t, 200_001)
-    density = scale * (1 + x * x / dof) ** (-(dof + 1) / 2)
-    return 0.5 + float(np.sum((density[1:] + density[:-1]) / 2 * np.diff(x)))
-
-
-def test_t_quantiles() -> None:
-    assert len(T_975) == 30
-    # Textbook values (3 decimals).
-    for dof, known in {1: 12.706, 2: 4.303, 3: 3.182, 5: 2.571, 10: 2.228, 30: 2.042}.items():
-        assert t_975(dof) == pytest.approx(known, abs=5e-4)
-    # Every one, and the expansion beyond the table, is the 0.975 point of the density.
-    for dof in [*range(1, 31), 31, 45, 120, 1000]:
-        assert _t_cdf(t_975(dof), dof) == pytest.approx(0.975, abs=1e-5), dof
-    assert t_975(10**9) == pytest.approx(1.959964, abs=1e-6)
-    with pytest.raises(ValueError):
-        t_975(0)
-
-
-def test_mean_and_t_interval_by_hand() -> None:
-    mean, (low, high) = mean_ci95([0.5, 0.6, 0.7])
-    half = 4.303 * 0.1 / math.sqrt(3)  # sample std 0.1, t with 2 dof
-    assert mean == pytest.approx(0.6)
-    assert (low, high) == pytest.approx((0.6 - half, 0.6 + half), abs=1e-4)
-    assert mean_ci95([0.4]) == (0.4, None)
-
-
 # --- bookkeeping ---------------------------------------------------------------------
 
 
@@ -137,7 +101,7 @@ def _run(study_dir: Path, run_id: str, rewards: list[float] | None = None,
     run.mkdir(parents=True)
     if rewards is not None:
         lines = [{"step": step, "time": 100.0 * step, "reward/mean": reward,
-                  "entropy/mean": entropy + step / 100}
+                  "entropy/mean": entropy + step / 100, "perf/wall_step_s": 30.0 * step}
                  for step, reward in enumerate(rewards, 1)]  # fmt: skip
         (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     if checkpoint is not None:
@@ -294,6 +258,8 @@ def test_report_from_finished_runs(tmp_path: Path, capsys: pytest.CaptureFixture
     assert hapo["reward_last_ci95"] == pytest.approx([0.5 - half, 0.5 + half], abs=1e-3)
     # Entropy 1 + seed + step / 100, steps 3..7: 1.05, 2.05, 3.05 -> 2.05.
     assert hapo["entropy_last_mean"] == pytest.approx(2.05)
+    # Step s took 30 s: 7 steps are 30 * 28 s = 14 minutes.
+    assert hapo["train_minutes_mean"] == pytest.approx(14.0)
     assert "heldout_minus_hapo_mean" not in hapo
     grpo = result["variants"]["grpo"]
     assert (grpo["seeds"], grpo["heldout_by_seed"]) == (2, {"0": 0.3, "2": 0.4})
@@ -312,11 +278,11 @@ def test_report_from_finished_runs(tmp_path: Path, capsys: pytest.CaptureFixture
     markdown = (tmp_path / "study.md").read_text()
     assert (
         "| hapo | none | 3 | s0: 0.500, s1: 0.600, s2: 0.700 | 0.600 [0.352, 0.848] | - | "
-        "0.500 [0.252, 0.748] | 2.050 |"
+        "0.500 [0.252, 0.748] | 2.050 | 14.0 |"
     ) in markdown
     assert (
         "| grpo | all | 2 | s0: 0.300, s2: 0.400 | 0.350 [-0.285, 0.985] | "
-        "-0.250 [-0.885, 0.385] (2 seeds) | 0.200 [0.200, 0.200] | 1.050 |"
+        "-0.250 [-0.885, 0.385] (2 seeds) | 0.200 [0.200, 0.200] | 1.050 | 14.0 |"
     ) in markdown
     assert "| no_ada_clip | ada_clip | 1 | s5: 0.900 | 0.900 | n/a (0 seeds) |" in markdown
     assert "Base model: held-out accuracy 0.200 [0.150, 0.260]" in markdown
