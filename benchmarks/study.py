@@ -3,7 +3,7 @@ budget, each final checkpoint scored on problems it never trained on.
 
     hapo bench study [--steps 20] [--seeds 0 1 2] [--variants NAME ...] [--dir runs/study]
                      [--task builtin:addition2] [--heldout SPEC] [--eval-n 200]
-                     [--report-only] [--export DIR] [-- overrides ...]
+                     [--dtype auto] [--report-only] [--export DIR] [-- overrides ...]
 
 Variants (``VARIANTS``): ``hapo`` (every part on: the default config), ``grpo`` (every part
 off), and one part off at a time: ``no_adaptive_temperature``, ``no_token_advantage``
@@ -20,6 +20,11 @@ its final checkpoint on ``--heldout`` (default ``<task>-heldout``: for
 native bf16, the rollout's and the learner's resolved dtypes, the code's commit). The base
 model is evaluated once (``DIR/base_eval.json``). Runs go seed by seed (every variant of
 seed 0 first), so a study cut short compares all variants on the seeds it finished.
+
+Every run and eval computes in one dtype, rollout and learner alike (``--dtype``, set by
+``rollout.dtype`` and ``trainer.precision``): ``auto`` resolves once, at the study's first
+start (bfloat16 on a GPU or a CPU with native bf16, else float32), and is kept, so that a
+study resumed on another machine kind computes as it began.
 
 Resume: start the study again with the same settings (kept in ``DIR/study.json``; a restart
 with other ones is refused, runs of other budgets would not compare). A run with its
@@ -87,6 +92,9 @@ SETTINGS_FILE = "study.json"
 RUN_ID = re.compile(r"(?P<variant>[a-z_]+)-s(?P<seed>\d+)")
 OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=")
 """A config override, ``dotted.key=value``."""
+DTYPE_PRECISION = {"float32": "fp32", "bfloat16": "bf16"}
+"""``--dtype``: the rollout's dtype and the learner's ``trainer.precision`` it sets."""
+DTYPE_KEYS = ("rollout.dtype=", "trainer.precision=")
 
 
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -176,10 +184,39 @@ def check_settings(study: Path, settings: dict) -> None:
         path.write_text(json.dumps(settings, indent=2) + "\n")
         return
     before = json.loads(path.read_text())
-    changed = [key for key in settings if before.get(key) != settings[key]]
+    changed = [key for key in settings if key in before and before[key] != settings[key]]
     if changed:
-        was = ", ".join(f"{key}={before.get(key)!r}" for key in changed)
+        was = ", ".join(f"{key}={before[key]!r}" for key in changed)
         raise SystemExit(f"{path}: this study ran with {was}; use those or another --dir")
+    if settings.keys() - before.keys():  # a setting the study began without (it is older)
+        path.write_text(json.dumps(before | settings, indent=2) + "\n")
+
+
+def study_dtype(requested: str, saved: dict | None, machine_default: str) -> str:
+    """The dtype every run and eval of the study computes in, rollout and learner alike:
+    ``requested`` if it is not ``auto``; else the one the study recorded at its first start,
+    or for a new study ``machine_default`` (what ``auto`` is on this machine). A study
+    resumed on another machine kind thus computes as it began, and its runs compare.
+
+    Raises:
+        SystemExit: ``auto``, and the study's settings record no dtype (it began before
+            ``--dtype``).
+    """
+    if requested != "auto":
+        return requested
+    if saved is None:
+        return machine_default
+    if "dtype" not in saved:
+        raise SystemExit(
+            f"{SETTINGS_FILE} records no dtype (the study began before --dtype): give "
+            "--dtype float32 or bfloat16, the one its runs computed in (study.md lists them)"
+        )
+    return saved["dtype"]
+
+
+def dtype_overrides(dtype: str) -> list[str]:
+    """The overrides that make rollout and learner compute in ``dtype``."""
+    return [f"rollout.dtype={dtype}", f"trainer.precision={DTYPE_PRECISION[dtype]}"]
 
 
 def machine_facts(overrides: Sequence[str]) -> dict:
@@ -206,6 +243,13 @@ def machine_facts(overrides: Sequence[str]) -> dict:
         "learner_dtype": "float32" if learner_dtype is None else "bfloat16",
         "commit": describe.stdout.strip() or None,  # None: not run from a git checkout
     }
+
+
+def machine_dtype() -> str:
+    """What ``auto`` resolves to here: bfloat16 on a GPU or a CPU with native bf16."""
+    import torch  # here: only a study that runs needs it
+
+    return resolve_rollout_dtype("auto", torch.cuda.is_available())
 
 
 def save_eval(stdout: Path, target: Path, machine: dict | None = None) -> dict:
@@ -527,6 +571,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--task", default="builtin:addition2", help="training problems")
     parser.add_argument("--heldout", help="evaluation problems (default: the task's held-out)")
     parser.add_argument("--eval-n", type=int, default=200, help="held-out problems per eval")
+    parser.add_argument(
+        "--dtype", choices=["auto", *DTYPE_PRECISION], default="auto",
+        help="rollout and learner dtype; auto: the study's own, or for a new study bfloat16 "
+        "on a GPU or a CPU with native bf16, else float32",
+    )  # fmt: skip
     parser.add_argument("--report-only", action="store_true",
                         help="only write the table and plot from the finished runs")  # fmt: skip
     parser.add_argument("--export", type=Path, metavar="DIR",
@@ -541,11 +590,21 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error(f"--task {args.task} has no built-in held-out split: give --heldout")
         if args.steps < 1 or args.eval_n < 1:
             parser.error("--steps and --eval-n must be >= 1")
+        if any(override.startswith(DTYPE_KEYS) for override in overrides):
+            parser.error("set rollout.dtype and trainer.precision with --dtype")
+        settings_file = args.dir / SETTINGS_FILE
+        saved = json.loads(settings_file.read_text()) if settings_file.is_file() else None
+        dtype = study_dtype(args.dtype, saved, machine_dtype())
         args.dir.mkdir(parents=True, exist_ok=True)
         check_settings(args.dir, {"steps": args.steps, "task": args.task, "heldout": heldout,
-                                  "eval_n": args.eval_n, "overrides": overrides})  # fmt: skip
+                                  "eval_n": args.eval_n, "overrides": overrides,
+                                  "dtype": dtype})  # fmt: skip
+        if dtype == "bfloat16" and machine_dtype() != dtype:
+            print("study: bfloat16 is emulated on this CPU; runs will be many times slower",
+                  file=sys.stderr)  # fmt: skip
         jobs = plan(args.dir, variants, seeds, args.steps)
-        run_study(args.dir, jobs, args.steps, args.task, heldout, args.eval_n, overrides)
+        run_study(args.dir, jobs, args.steps, args.task, heldout, args.eval_n,
+                  [*overrides, *dtype_overrides(dtype)])  # fmt: skip
     result = report(args.dir)
     if args.export is not None:
         copied = export(args.dir, args.export)

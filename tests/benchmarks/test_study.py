@@ -22,6 +22,7 @@ from benchmarks.study import (
     plan,
     save_eval,
     split_overrides,
+    study_dtype,
 )
 from hapo.config import load_config
 from hapo.runtime.cpus import cpu_model
@@ -135,6 +136,23 @@ def test_settings_are_kept_and_a_restart_with_others_is_refused(tmp_path: Path) 
         check_settings(tmp_path, {**settings, "steps": 30})
 
 
+def test_a_setting_an_older_study_lacks_is_recorded(tmp_path: Path) -> None:
+    (tmp_path / "study.json").write_text(json.dumps({"steps": 10}))
+    check_settings(tmp_path, {"steps": 10, "dtype": "float32"})
+    assert json.loads((tmp_path / "study.json").read_text()) == {"steps": 10, "dtype": "float32"}
+    with pytest.raises(SystemExit, match="dtype='float32'"):
+        check_settings(tmp_path, {"steps": 10, "dtype": "bfloat16"})
+
+
+def test_the_dtype_is_fixed_at_the_first_start() -> None:
+    assert study_dtype("auto", None, "bfloat16") == "bfloat16"  # a new study: the machine's
+    assert study_dtype("auto", {"dtype": "float32"}, "bfloat16") == "float32"  # as it began
+    assert study_dtype("bfloat16", {"dtype": "float32"}, "float32") == "bfloat16"  # refused later
+    assert study_dtype("float32", {"steps": 10}, "bfloat16") == "float32"
+    with pytest.raises(SystemExit, match="records no dtype"):
+        study_dtype("auto", {"steps": 10}, "float32")
+
+
 def test_save_eval_keeps_the_last_line_whole(tmp_path: Path) -> None:
     stdout = tmp_path / "eval.out"
     stdout.write_text('INFO vllm starting\n{"mean": 0.25, "n": 4}\n\n')
@@ -183,9 +201,13 @@ def test_a_restarted_study_does_only_what_is_left(
     user = "data.max_response_length=64"
     train = "data.train_files=builtin:addition2"
     keep = "trainer.checkpoint_keep_last=1"
+    dtype = json.loads((tmp_path / "study.json").read_text())["dtype"]  # this machine's auto
+    assert dtype in ("float32", "bfloat16")
+    precision = {"float32": "fp32", "bfloat16": "bf16"}[dtype]
+    pinned = [f"rollout.dtype={dtype}", f"trainer.precision={precision}"]
     assert ups == [
-        ("hapo-s1", [keep, user, "seed=1", train]),
-        ("grpo-s1", [keep, user, "seed=1", train, *VARIANTS["grpo"]]),
+        ("hapo-s1", [keep, user, *pinned, "seed=1", train]),
+        ("grpo-s1", [keep, user, *pinned, "seed=1", train, *VARIANTS["grpo"]]),
     ]
     evaluated = [args[args.index("--model") + 1] if "--model" in args else "base" for args in evals]
     assert evaluated == ["base"] + [
@@ -194,7 +216,7 @@ def test_a_restarted_study_does_only_what_is_left(
     ]
     for args in evals:
         assert args[:5] == ["eval", "--data", "builtin:addition2-heldout", "--n", "8"]
-        assert user in args
+        assert args[5:8] == [user, *pinned]
     assert result["variants"]["hapo"]["seeds"] == 2 and result["variants"]["grpo"]["seeds"] == 2
     assert result["base"] == {"heldout_mean": 0.5, "heldout_ci95": [0.2, 0.8]}
 
@@ -210,6 +232,11 @@ def test_a_restarted_study_does_only_what_is_left(
     assert ups == [] and evals == []
     with pytest.raises(SystemExit, match="steps=3"):
         main([*argv[2:], "--steps", "4"])
+    other = "bfloat16" if dtype == "float32" else "float32"
+    with pytest.raises(SystemExit, match=f"dtype='{dtype}'"):
+        main([*argv, "--dtype", other])
+    with pytest.raises(SystemExit):  # argparse: set it with --dtype
+        main([*argv, "trainer.precision=bf16"])
 
 
 def test_machine_facts_resolve_what_the_config_leaves_to_the_machine() -> None:
