@@ -11,8 +11,9 @@ claim back at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -32,6 +33,14 @@ _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+
+class LeaseHeld(RuntimeError):
+    """Another owner holds the claim."""
+
+    def __init__(self, key: str, holder: str) -> None:
+        super().__init__(f"{key} is held by {holder}")
+        self.holder = holder
 
 
 class Lease:
@@ -69,3 +78,25 @@ class Lease:
             if not held:
                 on_lost()
                 return
+
+    @contextlib.asynccontextmanager
+    async def held(self, on_lost: Callable[[], object]) -> AsyncIterator[None]:
+        """Hold the claim for the body of the ``async with``: take it, renew it meanwhile
+        (``keep``, which calls ``on_lost`` if it is lost), give it up at the end. A release
+        that fails on the connection is logged: the claim then lapses by itself.
+
+        Raises:
+            LeaseHeld: another owner holds the claim (the body does not run).
+        """
+        if (holder := await self.acquire()) is not None:
+            raise LeaseHeld(self.key, holder)
+        keeper = asyncio.create_task(self.keep(on_lost))
+        try:
+            yield
+        finally:
+            keeper.cancel()
+            try:
+                await self.release()
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                logger.warning("claim on %s not released (it lapses by itself): %s", self.key,
+                               exc)  # fmt: skip

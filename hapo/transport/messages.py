@@ -225,6 +225,21 @@ class Trajectory(_Message):
             raise ValueError("temperature_tau > 0 needs the norm_entropys it sampled with")
         return self
 
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """Refuse token ids a model with ``vocab_size`` tokens has no embedding for (a
+        consumer that embeds them would fail on this sample at every restart).
+
+        Raises:
+            MalformedMessage: naming the field and the id.
+        """
+        for name in ("prompt_ids", "response_ids"):
+            ids = getattr(self, name)
+            if len(ids) and (ids.min() < 0 or ids.max() >= vocab_size):
+                bad = int(ids.min() if ids.min() < 0 else ids.max())
+                raise MalformedMessage(
+                    f"{name}: token id {bad} is outside the model's vocabulary [0, {vocab_size})"
+                )
+
     @property
     def key(self) -> SampleKey:
         """Idempotency key: duplicates after a redelivery share it."""

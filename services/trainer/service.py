@@ -44,15 +44,13 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import torch
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hapo.config import HapoConfig
 from hapo.report import write_report
 from hapo.training.learner import LearnerStepResult, make_optimizer
 from hapo.training.policy import build_batch, learner_device
-from hapo.transport.lease import Lease
+from hapo.transport.lease import Lease, LeaseHeld
 from hapo.transport.messages import (
     MalformedMessage,
     ScoredTrajectory,
@@ -186,7 +184,7 @@ class TrainerService:
             for entry in entries:
                 try:
                     sample = ScoredTrajectory.from_bytes(entry.payload)
-                    self._check_tokens(sample)
+                    sample.check_vocabulary(self.model.config.vocab_size)
                 except MalformedMessage as exc:
                     logger.warning("dead-lettering a malformed scored entry: %s", exc)
                     dead.append((entry, str(exc)))
@@ -230,22 +228,6 @@ class TrainerService:
         limit = self.config.trainer.stall_factor * statistics.median(self.step_times)
         return now - self.last_progress > limit
 
-    def _check_tokens(self, sample: ScoredTrajectory) -> None:
-        """Refuse a sample whose token ids the model has no embedding for: it would fail
-        the learner step, and with it the run, at every restart.
-
-        Raises:
-            MalformedMessage: naming the field and the id.
-        """
-        vocab = self.model.config.vocab_size
-        for name in ("prompt_ids", "response_ids"):
-            ids = getattr(sample, name)
-            if len(ids) and (ids.min() < 0 or ids.max() >= vocab):
-                bad = int(ids.min() if ids.min() < 0 else ids.max())
-                raise MalformedMessage(
-                    f"{name}: token id {bad} is outside the model's vocabulary [0, {vocab})"
-                )
-
     async def run(self) -> None:
         """Train until ``trainer.total_steps`` or a stop request (then checkpoint), holding
         the claim on the stream prefix throughout.
@@ -255,23 +237,15 @@ class TrainerService:
         """
         lease = Lease(self.client, lease_key(self.names.prefix), self.run_id, LEASE_TTL_S)
         try:
-            if (holder := await lease.acquire()) is not None:
-                raise StreamPrefixInUse(
-                    f"redis.stream_prefix {self.names.prefix!r} is in use by run {holder} (a "
-                    f"live trainer, or one that died less than {LEASE_TTL_S:.0f} s ago): runs "
-                    "at the same time need their own redis.stream_prefix, and their own "
-                    "rollout and reward replicas"
-                )
-            keeper = asyncio.create_task(lease.keep(self._lease_lost))
-            try:
+            async with lease.held(self._lease_lost):
                 await self._train()
-            finally:
-                keeper.cancel()
-                try:
-                    await lease.release()
-                except (RedisConnectionError, RedisTimeoutError) as exc:  # it lapses by itself
-                    logger.warning("run %s: claim on the prefix not released: %s", self.run_id,
-                                   exc)  # fmt: skip
+        except LeaseHeld as exc:
+            raise StreamPrefixInUse(
+                f"redis.stream_prefix {self.names.prefix!r} is in use by run {exc.holder} (a "
+                f"live trainer, or one that died less than {LEASE_TTL_S:.0f} s ago): runs at "
+                "the same time need their own redis.stream_prefix, and their own rollout and "
+                "reward replicas"
+            ) from None
         finally:
             await self.client.aclose()
 

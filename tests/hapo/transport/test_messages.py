@@ -56,6 +56,17 @@ def test_invalid_trajectories_name_the_problem(overrides: dict, message: str) ->
         make_trajectory(**overrides)
 
 
+def test_token_ids_outside_the_vocabulary_are_refused_by_name() -> None:
+    make_trajectory().check_vocabulary(10)  # ids 0-9 all embed
+    with pytest.raises(
+        MalformedMessage, match=r"^response_ids: token id 9 is outside .* \[0, 9\)$"
+    ):
+        make_trajectory().check_vocabulary(9)
+    with pytest.raises(MalformedMessage, match=r"^prompt_ids: token id -1 is outside"):
+        make_trajectory(prompt_ids=np.array([3, -1])).check_vocabulary(10)
+    make_trajectory(response_ids=np.array([], dtype=int), logprobs=np.array([])).check_vocabulary(5)
+
+
 @pytest.mark.parametrize(
     ("data", "message"),
     [
