@@ -1,4 +1,5 @@
-"""adaptive_temperature_log_probs: a token's log-prob at the temperature it was sampled at."""
+"""adaptive_temperature_log_probs: a token's log-prob at the temperature it was sampled at;
+taken_log_probs_chunked: the taken tokens' log-probs a chunk of rows at a time."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hapo.algorithm import adaptive_temperature_log_probs
+from hapo.algorithm import adaptive_temperature_log_probs, taken_log_probs_chunked
+from hapo.algorithm import token_entropy as reference_entropy
 
 
 def reference_log_probs(logits, token_ids, temperature, tau, norm_entropys, eps=1e-6):
@@ -162,3 +164,57 @@ def test_input_untouched_no_graph_and_bad_arguments() -> None:
         adaptive_temperature_log_probs(logits, token_ids, temperature=0.0)
     with pytest.raises(ValueError, match="token_ids"):
         adaptive_temperature_log_probs(logits, token_ids[:, :2])
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    chunk_size=st.integers(1, 40),
+    temperature=st.sampled_from([1.0, 0.7]),
+    with_entropy=st.booleans(),
+)
+def test_chunked_log_probs_equal_unchunked(
+    chunk_size: int, temperature: float, with_entropy: bool
+) -> None:
+    generator = torch.Generator().manual_seed(chunk_size)
+    hidden = torch.randn(23, 16, generator=generator, requires_grad=True)
+    weight = torch.randn(50, 16, generator=generator, requires_grad=True)
+    targets = torch.randint(0, 50, (23,), generator=generator)
+    coefficients = torch.randn(23, generator=generator)
+
+    log_prob, entropy = taken_log_probs_chunked(
+        hidden, weight, targets, temperature=temperature, chunk_size=chunk_size,
+        with_entropy=with_entropy,
+    )  # fmt: skip
+    (log_prob * coefficients).sum().backward()
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+
+    logits = hidden @ weight.T / temperature
+    expected = logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+    (expected * coefficients).sum().backward()
+    torch.testing.assert_close(log_prob, expected.detach())
+    torch.testing.assert_close(grads[0], hidden.grad)
+    torch.testing.assert_close(grads[1], weight.grad)
+    if with_entropy:
+        torch.testing.assert_close(entropy, reference_entropy(logits.detach()))
+        assert not entropy.requires_grad
+    else:
+        assert entropy is None
+
+
+def test_chunked_log_probs_backward_twice_gives_the_same_gradients() -> None:
+    """The last chunk's probabilities are kept for backward: a second backward through the
+    same graph (``retain_graph``) must find them unchanged."""
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(7, 16, generator=generator, requires_grad=True)
+    weight = torch.randn(50, 16, generator=generator, requires_grad=True)
+    targets = torch.randint(0, 50, (7,), generator=generator)
+    for chunk_size in (3, 7):  # the last of three chunks; one chunk
+        log_prob, _ = taken_log_probs_chunked(hidden, weight, targets, chunk_size=chunk_size)
+        log_prob.sum().backward(retain_graph=True)
+        first = hidden.grad.clone(), weight.grad.clone()
+        hidden.grad = weight.grad = None
+        log_prob.sum().backward()
+        torch.testing.assert_close(hidden.grad, first[0], rtol=0, atol=0)
+        torch.testing.assert_close(weight.grad, first[1], rtol=0, atol=0)
+        hidden.grad = weight.grad = None

@@ -1,5 +1,6 @@
-"""The learner on a tiny random Llama: batching, chunked log-probs, and the training step
-against a plain PPO/GRPO reference, micro-batch invariance and the h_hat switch."""
+"""The learner on a tiny random Llama: the training step against a plain PPO/GRPO
+reference, micro-batch invariance, the h_hat switch, the optimizer and its warm-up, bf16,
+and the behaviour correction (the policy forward's own tests: ``test_policy``)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,8 @@ import itertools
 import math
 from dataclasses import replace
 
-import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from transformers import LlamaForCausalLM
 
 from hapo.algorithm import (
@@ -19,11 +17,8 @@ from hapo.algorithm import (
     entropy_h_hat,
     hapo_policy_loss,
     log_entropy,
-    taken_log_probs_chunked,
 )
-from hapo.algorithm import token_entropy as reference_entropy
 from hapo.config import HapoConfig, load_config
-from hapo.runtime.cpus import cpu_has_native_bf16
 from hapo.training.learner import (
     StepTargets,
     accumulate_gradients,
@@ -34,34 +29,18 @@ from hapo.training.learner import (
 from hapo.training.policy import (
     TrainingBatch,
     build_batch,
-    compute_dtype,
     old_log_probs_and_entropy,
     policy_log_probs,
     sampling_log_probs,
 )
-from hapo.transport.messages import ScoredTrajectory
-from tests.helpers import scored_trajectories, tiny_llama
-
-VOCAB, PAD = 128, 0
-# (prompt length, response length, reward) of two groups of four samples.
-SAMPLES = [
-    [(3, 5, 1.0), (3, 9, 0.0), (3, 2, 1.0), (3, 12, 0.0)],
-    [(7, 4, 0.0), (7, 11, 0.0), (7, 6, 1.0), (7, 1, 0.0)],
-]
-
-
-@pytest.fixture
-def model() -> LlamaForCausalLM:
-    return tiny_llama(VOCAB, PAD)
-
-
-def _trajectories() -> list[ScoredTrajectory]:
-    return scored_trajectories(SAMPLES, VOCAB, seed=0)
-
-
-@pytest.fixture
-def batch() -> TrainingBatch:
-    return build_batch(_trajectories(), PAD)
+from tests.hapo.training.common import (
+    PAD,
+    VOCAB,
+    assert_gradients_close,
+    gradients,
+    two_groups,
+)
+from tests.helpers import tiny_llama
 
 
 def _config(*overrides: str) -> HapoConfig:
@@ -93,135 +72,10 @@ def _targets(model: LlamaForCausalLM, batch: TrainingBatch, config: HapoConfig, 
     )
 
 
-def _gradients(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
-    return {name: p.grad.clone() for name, p in model.named_parameters()}
-
-
 def _accumulated(model, batch, targets, config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
     loss = accumulate_gradients(model, batch, targets, config)
-    return loss, _gradients(model)
-
-
-def _assert_gradients_close(a: dict, b: dict, atol: float = 1e-5) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=1e-4, msg=name)
-
-
-def test_build_batch_layout(batch: TrainingBatch) -> None:
-    assert batch.prompt_length == 7 and batch.responses.shape == (8, 12)
-    assert batch.response_mask.dtype == torch.float32
-    assert batch.response_mask.sum(-1).tolist() == [5, 9, 2, 12, 4, 11, 6, 1]
-    first = _trajectories()[0]
-    assert batch.input_ids[0, 4:12].tolist() == [*first.prompt_ids, *first.response_ids]
-    assert batch.attention_mask[0].tolist() == [0] * 4 + [1] * 8 + [0] * 7
-    assert batch.position_ids[0, 4:12].tolist() == list(range(8))
-    assert batch.token_level_rewards.sum(-1).tolist() == [1, 0, 1, 0, 0, 0, 1, 0]
-    assert batch.token_level_rewards[0, 4] == 1.0  # on the last valid token
-    assert list(batch.group_index) == ["g0"] * 4 + ["g1"] * 4
-    empty = _trajectories()[0].model_copy(update={"response_ids": np.zeros(0, np.int32)})
-    with pytest.raises(ValueError, match="empty"):
-        build_batch([empty], PAD)
-
-
-@settings(max_examples=25, deadline=None)
-@given(
-    chunk_size=st.integers(1, 40),
-    temperature=st.sampled_from([1.0, 0.7]),
-    with_entropy=st.booleans(),
-)
-def test_chunked_log_probs_equal_unchunked(
-    chunk_size: int, temperature: float, with_entropy: bool
-) -> None:
-    generator = torch.Generator().manual_seed(chunk_size)
-    hidden = torch.randn(23, 16, generator=generator, requires_grad=True)
-    weight = torch.randn(50, 16, generator=generator, requires_grad=True)
-    targets = torch.randint(0, 50, (23,), generator=generator)
-    coefficients = torch.randn(23, generator=generator)
-
-    log_prob, entropy = taken_log_probs_chunked(
-        hidden, weight, targets, temperature=temperature, chunk_size=chunk_size,
-        with_entropy=with_entropy,
-    )  # fmt: skip
-    (log_prob * coefficients).sum().backward()
-    grads = hidden.grad.clone(), weight.grad.clone()
-    hidden.grad = weight.grad = None
-
-    logits = hidden @ weight.T / temperature
-    expected = logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
-    (expected * coefficients).sum().backward()
-    torch.testing.assert_close(log_prob, expected.detach())
-    torch.testing.assert_close(grads[0], hidden.grad)
-    torch.testing.assert_close(grads[1], weight.grad)
-    if with_entropy:
-        torch.testing.assert_close(entropy, reference_entropy(logits.detach()))
-        assert not entropy.requires_grad
-    else:
-        assert entropy is None
-
-
-def test_chunked_log_probs_backward_twice_gives_the_same_gradients() -> None:
-    """The last chunk's probabilities are kept for backward: a second backward through the
-    same graph (``retain_graph``) must find them unchanged."""
-    generator = torch.Generator().manual_seed(0)
-    hidden = torch.randn(7, 16, generator=generator, requires_grad=True)
-    weight = torch.randn(50, 16, generator=generator, requires_grad=True)
-    targets = torch.randint(0, 50, (7,), generator=generator)
-    for chunk_size in (3, 7):  # the last of three chunks; one chunk
-        log_prob, _ = taken_log_probs_chunked(hidden, weight, targets, chunk_size=chunk_size)
-        log_prob.sum().backward(retain_graph=True)
-        first = hidden.grad.clone(), weight.grad.clone()
-        hidden.grad = weight.grad = None
-        log_prob.sum().backward()
-        torch.testing.assert_close(hidden.grad, first[0], rtol=0, atol=0)
-        torch.testing.assert_close(weight.grad, first[1], rtol=0, atol=0)
-        hidden.grad = weight.grad = None
-
-
-def test_padded_batch_log_probs_equal_each_sample_alone(
-    model: LlamaForCausalLM, batch: TrainingBatch
-) -> None:
-    log_prob, entropy = policy_log_probs(model, batch, chunk_size=5, with_entropy=True)
-    for row, trajectory in enumerate(_trajectories()):
-        ids = torch.tensor([*trajectory.prompt_ids, *trajectory.response_ids])[None].long()
-        logits = model(input_ids=ids).logits[0, len(trajectory.prompt_ids) - 1 : -1]
-        expected = logits.log_softmax(-1).gather(-1, ids[0, -logits.shape[0] :, None])
-        length = len(trajectory.response_ids)
-        torch.testing.assert_close(log_prob[row, :length], expected.squeeze(-1), atol=1e-5, rtol=0)
-        torch.testing.assert_close(
-            entropy[row, :length], reference_entropy(logits), atol=1e-5, rtol=0
-        )
-
-
-def test_shared_prompt_forward_gives_the_full_forward_gradients(
-    model: LlamaForCausalLM, batch: TrainingBatch
-) -> None:
-    """Each group's prompt runs once (2 prompt rows, not 8), and the log-probs and their
-    gradients equal one plain ``[B, P + R]`` forward's."""
-    shapes = []
-    hook = model.get_input_embeddings().register_forward_hook(
-        lambda module, args, output: shapes.append(tuple(args[0].shape))
-    )
-    coefficients = torch.randn(batch.responses.shape, generator=torch.Generator().manual_seed(4))
-    log_prob, _ = policy_log_probs(model, batch)
-    hook.remove()
-    prompt_width, response_width = batch.prompt_length, batch.responses.shape[1]
-    assert shapes == [(2, prompt_width), (8, response_width - 1)]
-    (log_prob * coefficients * batch.response_mask).sum().backward()
-    shared = _gradients(model)
-
-    model.zero_grad(set_to_none=True)
-    logits = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-    ).logits[:, prompt_width - 1 : -1]
-    expected = logits.log_softmax(-1).gather(-1, batch.responses[..., None]).squeeze(-1)
-    mask = batch.response_mask.bool()
-    torch.testing.assert_close(log_prob[mask], expected[mask].detach(), atol=1e-5, rtol=0)
-    (expected * coefficients * batch.response_mask).sum().backward()
-    _assert_gradients_close(shared, _gradients(model))
+    return loss, gradients(model)
 
 
 def _reference_grpo(batch: TrainingBatch) -> torch.Tensor:
@@ -287,7 +141,7 @@ def test_every_switch_off_equals_plain_ppo_grpo(
     expected = _reference_ppo_loss(model, batch, targets.old_log_prob, advantages)
     expected.backward()
     torch.testing.assert_close(loss, expected.detach(), atol=1e-6, rtol=1e-5)
-    _assert_gradients_close(grads, _gradients(model))
+    assert_gradients_close(grads, gradients(model))
 
 
 def test_every_switch_off_step_update_equals_plain_ppo_grpo(
@@ -307,14 +161,14 @@ def test_every_switch_off_step_update_equals_plain_ppo_grpo(
     with torch.no_grad():
         old_log_prob = policy_log_probs(model, batch)[0]
     _reference_ppo_loss(model, batch, old_log_prob, _reference_grpo(batch)).backward()
-    expected = {name: -g for name, g in _gradients(model).items()}
+    expected = {name: -g for name, g in gradients(model).items()}
     model.zero_grad(set_to_none=True)
 
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     result = learner_step(model, optimizer, scheduler, batch, config)
     moved = {name: p.detach() - before[name] for name, p in model.named_parameters()}
-    _assert_gradients_close(moved, expected)
+    assert_gradients_close(moved, expected)
     assert result.metrics["loss/clipfrac"] == 0.0 and result.metrics["loss/approx_kl"] < 1e-6
 
 
@@ -332,7 +186,7 @@ def test_micro_batch_invariance(
     loss_split, split = _accumulated(model, batch, targets, configs[1])
     torch.testing.assert_close(loss_whole, loss_split, atol=1e-6, rtol=1e-6)
     assert max(g.abs().max().item() for g in whole.values()) > 1e-3
-    _assert_gradients_close(whole, split, atol=1e-5)
+    assert_gradients_close(whole, split, atol=1e-5)
 
 
 def test_reference_micro_batch_h_hat_switch(model: LlamaForCausalLM, batch: TrainingBatch) -> None:
@@ -347,7 +201,7 @@ def test_reference_micro_batch_h_hat_switch(model: LlamaForCausalLM, batch: Trai
     ours, reference = gradients(2, False), gradients(2, True)
     assert max((ours[n] - reference[n]).abs().max().item() for n in ours) > 1e-4
     # One micro-batch holding the whole step's batch has the step's statistics.
-    _assert_gradients_close(gradients(8, False), gradients(8, True))
+    assert_gradients_close(gradients(8, False), gradients(8, True))
 
 
 def _surrogate_loss(model, batch, targets: StepTargets, config: HapoConfig) -> float:
@@ -438,12 +292,6 @@ def test_optimizer_is_fused_adamw_as_written() -> None:
         torch.testing.assert_close(weight.detach(), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_unsupported_output_head_is_refused(model: LlamaForCausalLM, batch: TrainingBatch) -> None:
-    model.lm_head = torch.nn.Linear(64, VOCAB, bias=True)
-    with pytest.raises(ValueError, match="unsupported output head"):
-        policy_log_probs(model, batch)
-
-
 def test_bf16_precision_computes_in_bf16_and_keeps_fp32_state(
     model: LlamaForCausalLM, batch: TrainingBatch
 ) -> None:
@@ -470,19 +318,6 @@ def test_bf16_precision_computes_in_bf16_and_keeps_fp32_state(
     assert all(p.dtype == torch.float32 for p in model.parameters())
     states = optimizer.state_dict()["state"].values()
     assert all(s["exp_avg"].dtype == torch.float32 for s in states)
-
-
-def test_auto_precision_is_bf16_where_the_hardware_has_it(tmp_path) -> None:
-    with_bf16, without = tmp_path / "with", tmp_path / "without"
-    with_bf16.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 avx512_vnni\n")
-    without.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n")
-    assert cpu_has_native_bf16(with_bf16) and not cpu_has_native_bf16(without)
-    assert not cpu_has_native_bf16(tmp_path / "missing")
-    auto, fp32 = _config("trainer.precision=auto"), _config()
-    assert compute_dtype(auto, torch.device("cuda")) == torch.bfloat16
-    expected = torch.bfloat16 if cpu_has_native_bf16() else None
-    assert compute_dtype(auto, torch.device("cpu")) == expected
-    assert compute_dtype(fp32, torch.device("cuda")) is None
 
 
 def _sgd_update(model: LlamaForCausalLM, batch: TrainingBatch, config: HapoConfig):
@@ -519,11 +354,11 @@ def test_behaviour_correction_weights_each_token_by_truncated_pi_prox_over_mu(
     batch = replace(batch, rollout_log_prob=mu * batch.response_mask)
     weights = torch.where(index % 3 == 0, 2.0, torch.where(index % 4 == 0, math.exp(-0.5), 1.0))
     _reference_ppo_loss(model, batch, pi_prox, _reference_grpo(batch), weights).backward()
-    expected = {name: -g for name, g in _gradients(model).items()}
+    expected = {name: -g for name, g in gradients(model).items()}
     model.zero_grad(set_to_none=True)
 
     moved, result = _sgd_update(model, batch, config)
-    _assert_gradients_close(moved, expected)
+    assert_gradients_close(moved, expected)
     valid = batch.response_mask.bool()
     assert result.metrics["rollout_corr/truncated_frac"] == pytest.approx(
         (index % 3 == 0)[valid].float().mean().item()
@@ -543,7 +378,7 @@ def test_on_policy_samples_get_weight_one(model: LlamaForCausalLM, batch: Traini
             tiny_llama(VOCAB, PAD), batch, _config(f"algorithm.rollout_correction.mode={mode}")
         )
         updates.append(moved)
-    _assert_gradients_close(*updates, atol=1e-7)
+    assert_gradients_close(*updates, atol=1e-7)
     assert result.metrics["rollout_corr/weight_mean"] == pytest.approx(1.0, abs=1e-6)
     assert result.metrics["rollout_corr/kl"] == pytest.approx(0.0, abs=1e-6)
 
@@ -553,7 +388,7 @@ def test_samples_staler_than_the_bound_leave_the_loss_but_not_the_advantage(
 ) -> None:
     """max_staleness 1: a sample 2 versions old is dropped from the loss (the token-mean
     runs over the others) and counted; its reward still shapes its group's advantage."""
-    trajectories = [t.model_copy(update={"policy_version": 3}) for t in _trajectories()]
+    trajectories = [t.model_copy(update={"policy_version": 3}) for t in two_groups()]
     trajectories[1] = trajectories[1].model_copy(update={"policy_version": 1})
     batch = build_batch(trajectories, PAD, policy_version=3)
     assert batch.staleness.tolist() == [0, 2, 0, 0, 0, 0, 0, 0]
@@ -563,11 +398,11 @@ def test_samples_staler_than_the_bound_leave_the_loss_but_not_the_advantage(
     fresh = batch.response_mask.clone()
     fresh[1] = 0
     _reference_ppo_loss(model, batch, pi_prox, _reference_grpo(batch), mask=fresh).backward()
-    expected = {name: -g for name, g in _gradients(model).items()}
+    expected = {name: -g for name, g in gradients(model).items()}
     model.zero_grad(set_to_none=True)
 
     moved, result = _sgd_update(model, batch, config)
-    _assert_gradients_close(moved, expected)
+    assert_gradients_close(moved, expected)
     assert result.metrics["staleness/dropped_samples"] == 1.0
     assert result.metrics["staleness/samples_0"] == 7.0
     assert result.metrics["staleness/max"] == 2.0
@@ -612,7 +447,7 @@ def test_plain_samples_report_their_base_temperature(
 
 
 def test_a_batch_of_only_too_stale_samples_changes_nothing(model: LlamaForCausalLM) -> None:
-    trajectories = [t.model_copy(update={"policy_version": 0}) for t in _trajectories()]
+    trajectories = [t.model_copy(update={"policy_version": 0}) for t in two_groups()]
     batch = build_batch(trajectories, PAD, policy_version=5)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     config = _config(*PLAIN_PPO, "algorithm.rollout_correction.mode=off", "trainer.max_staleness=1")
