@@ -63,7 +63,10 @@ def test_matches_reference(
         chunk_size=chunk_size,
     )
     expected = reference_log_probs(logits, token_ids, temperature, tau, stats)
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
+    # fp32 against an fp64 reference: a near-deterministic row's entropy (hence T_dyn)
+    # carries a relative error ~1e-5 into log-probs as large as -26 at T_dyn 0.25 (CI found
+    # 1.5e-5); a wrong temperature moves them by whole units.
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
 def test_hand_computed_value() -> None:
