@@ -42,12 +42,16 @@ def free_port() -> int:
     raise RuntimeError(f"no free TCP port below {low}")
 
 
-def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout_s``."""
+def wait_for(
+    condition: Callable[[], bool], timeout_s: float, what: str | Callable[[], str]
+) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout_s`` (a
+    callable ``what`` is asked then, so that it can say what there was)."""
     deadline = time.monotonic() + timeout_s
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+            described = what() if callable(what) else what
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {described}")
         time.sleep(0.1)
 
 

@@ -113,11 +113,10 @@ def test_group_comes_back_as_n_trajectories(replicas: Replicas, client: redis.Re
     names = replicas.names
     client.xadd(names.prompts, {DATA_FIELD: prompt_group("single", n=4, max_tokens=12).to_bytes()})
     client.xadd(names.prompts, {DATA_FIELD: b"\x92\x01\x02"})  # msgpack of a list: not a group
-    wait_for(
-        lambda: len(by_group(client, names)["single"]) == 4 and client.xlen(names.dead) == 1,
-        120,
-        "the group",
-    )
+    arrived = lambda: (len(by_group(client, names)["single"]), client.xlen(names.dead))  # noqa: E731
+    # A timeout says which of the two is missing (CI once timed out here, not saying which).
+    wait_for(lambda: arrived() == (4, 1), 120,
+             lambda: f"4 samples and 1 dead letter (there are {arrived()})")  # fmt: skip
     samples = sorted(by_group(client, names)["single"], key=lambda t: t.sample_idx)
     assert [t.sample_idx for t in samples] == [0, 1, 2, 3]
     for trajectory in samples:
