@@ -350,12 +350,13 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error("set rollout.dtype and trainer.precision with --dtype")
         settings_file = args.dir / SETTINGS_FILE
         saved = json.loads(settings_file.read_text()) if settings_file.is_file() else None
-        dtype = study_dtype(args.dtype, saved, machine_dtype())
+        native = machine_dtype()  # imports torch: asked once
+        dtype = study_dtype(args.dtype, saved, native)
         args.dir.mkdir(parents=True, exist_ok=True)
         check_settings(args.dir, {"steps": args.steps, "task": args.task, "heldout": heldout,
                                   "eval_n": args.eval_n, "overrides": overrides,
                                   "dtype": dtype})  # fmt: skip
-        if dtype == "bfloat16" and machine_dtype() != dtype:
+        if dtype == "bfloat16" and native != dtype:
             print("study: bfloat16 is emulated on this CPU; runs will be many times slower",
                   file=sys.stderr)  # fmt: skip
         jobs = plan(args.dir, variants, seeds, args.steps)
