@@ -26,6 +26,7 @@ first step, which includes the engines' warm-up, is the start mark). Writes
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
@@ -73,12 +74,22 @@ def run_hapo(args: Sequence[str], label: str, log: Path, stdout: Path | None = N
     print(f"[{label}] hapo {args[0]} done in {time.monotonic() - started:.0f} s", flush=True)
 
 
+def stream_prefix(run_dir: Path) -> str:
+    """The Redis stream prefix of the runs under ``run_dir``: its own, so that the same
+    variant names in another folder are other runs (``services.trainer.resume``), and the
+    same in this one, so that a run there resumes."""
+    return f"bench-{hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:12]}"
+
+
 def run_variant(
     name: str, overrides: list[str], steps: int, run_dir: Path, pins: Sequence[str] = ()
 ) -> Path:
     """``hapo up`` of run ``name`` under ``run_dir`` (log: ``run_dir/<name>.up.log``), its
-    services pinned by ``pins`` (``SERVICE=CPUS``); returns its metrics file. A run of that
-    name already there resumes from its newest checkpoint."""
+    services pinned by ``pins`` (``SERVICE=CPUS``), on ``run_dir``'s stream prefix unless
+    ``overrides`` name one; returns its metrics file. A run of that name already there
+    resumes from its newest checkpoint."""
+    if not any(override.startswith("redis.stream_prefix=") for override in overrides):
+        overrides = [f"redis.stream_prefix={stream_prefix(run_dir)}", *overrides]
     args = ["up", "--steps", str(steps), "--run-dir", str(run_dir),
             *(f"--pin={pin}" for pin in pins), *overrides, f"trainer.run_id={name}"]  # fmt: skip
     run_hapo(args, name, run_dir / f"{name}.up.log")

@@ -22,6 +22,12 @@
 Each run reads its own scored stream (``<prefix>:scored:<run id>``): a run started while
 this one is down never sees, claims or acknowledges its entries, so resume stays exact
 whatever ran in between.
+
+A run id names one run (``claim_run_id``). Its first start writes a random token to
+``<run dir>/incarnation`` and to Redis; a restart finds the two equal. A new run under an
+id whose Redis state is another run's (started from another ``run_dir``, or whose folder
+was deleted) is refused: it would continue that run's group count and train the samples
+that run left in flight, sampled by another model, as its own.
 """
 
 from __future__ import annotations
@@ -29,10 +35,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import redis.asyncio as aioredis
 import torch
 from torch import nn
 
@@ -45,6 +53,51 @@ logger = logging.getLogger("hapo.trainer")
 def issued_key(prefix: str, run_id: str) -> str:
     """Redis key holding how many prompt groups run ``run_id`` has issued."""
     return f"{prefix}:trainer:{run_id}:groups_queued"
+
+
+def incarnation_key(prefix: str, run_id: str) -> str:
+    """Redis key holding the token of the run whose state ``run_id``'s keys hold."""
+    return f"{prefix}:trainer:{run_id}:incarnation"
+
+
+INCARNATION_FILE = "incarnation"
+"""The run's token, in its run folder."""
+
+
+class RunIdTaken(RuntimeError):
+    """Redis holds another run's state under this run id."""
+
+
+async def claim_run_id(client: aioredis.Redis, prefix: str, run_id: str, run_dir: Path) -> None:
+    """Bind ``run_id``'s state in Redis to the run in ``run_dir``: a first start there
+    takes the id, a restart finds its own token (module docstring). Call it holding the
+    prefix's lease, before anything of the run touches Redis.
+
+    Raises:
+        RunIdTaken: Redis holds the state of another run with this id.
+    """
+    token_file, key = run_dir / INCARNATION_FILE, incarnation_key(prefix, run_id)
+    ours = token_file.read_text().strip() if token_file.is_file() else None
+    theirs = await client.get(key)
+    theirs = theirs.decode() if theirs is not None else None
+    # A group count without a token is a run's of a version that wrote none (the count is
+    # written with a run's first groups, so every run that issued any has one).
+    if ours is None and theirs is None and not await client.exists(issued_key(prefix, run_id)):
+        ours = uuid.uuid4().hex
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = token_file.with_name(token_file.name + ".tmp")
+        tmp.write_text(ours + "\n")
+        os.replace(tmp, token_file)
+    if ours is not None and theirs in (None, ours):
+        await client.set(key, ours)  # again if Redis lost it: the state there is this run's
+        return
+    raise RunIdTaken(
+        f"trainer.run_id {run_id!r}: Redis (redis.stream_prefix {prefix!r}) holds the state "
+        f"of another run with this id, one started from another trainer.run_dir or whose "
+        f"folder {run_dir} was deleted since; this run would train the samples that run "
+        "left in flight as its own. Choose a new trainer.run_id, or resume that run from "
+        "its own folder."
+    )
 
 
 @dataclass

@@ -234,6 +234,7 @@ class TrainerService:
 
         Raises:
             StreamPrefixInUse: another run's trainer holds the prefix.
+            resume.RunIdTaken: Redis holds another run's state under this run id.
         """
         lease = Lease(self.client, lease_key(self.names.prefix), self.run_id, LEASE_TTL_S)
         try:
@@ -255,9 +256,9 @@ class TrainerService:
         self.control.request_stop()
 
     async def _train(self) -> None:
+        await resume.claim_run_id(self.client, self.names.prefix, self.run_id, self.run_dir)
         await self.consumer.start()
         await ensure_group(self.client, self.names.prompts, ROLLOUT_GROUP)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         pad = self.tokenizer.pad_token_id
         pad = self.tokenizer.eos_token_id if pad is None else pad
         await self.prompts.fast_forward()
