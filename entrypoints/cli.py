@@ -71,6 +71,18 @@ def _load(config_file: Path | None, overrides: list[str] | None) -> HapoConfig:
         raise typer.Exit(code=2) from None
 
 
+def _with_allocator(config: HapoConfig) -> None:
+    """Re-execute this command with ``runtime.allocator``'s malloc preloaded, if it is not
+    yet (``hapo.runtime.allocator``): before anything heavy is imported."""
+    from hapo.runtime.allocator import exec_with_allocator
+
+    try:
+        exec_with_allocator(config.runtime.allocator)
+    except ValueError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=2) from None
+
+
 @config_app.command("show")
 def config_show(
     overrides: Overrides = None,
@@ -133,6 +145,7 @@ def rollout(
 ) -> None:
     """Run a rollout replica: sample <prefix>:prompts into <prefix>:trajectories with vLLM."""
     config = _load(config_file, overrides)
+    _with_allocator(config)
     from services.rollout.service import run
 
     run(config, consumer)
@@ -176,6 +189,7 @@ def up(
 def trainer(overrides: Overrides = None, config_file: ConfigFile = None) -> None:
     """Run the trainer: queue prompts, train on scored groups, push weights to rollout."""
     config = _load(config_file, overrides)
+    _with_allocator(config)
     from services.trainer.main import run
 
     run(config)
@@ -189,6 +203,7 @@ def reward(
 ) -> None:
     """Run a reward worker: score <prefix>:trajectories into <prefix>:scored."""
     config = _load(config_file, overrides)
+    _with_allocator(config)
     from services.reward.worker import run
 
     run(config, consumer)
@@ -205,6 +220,7 @@ def bench(ctx: typer.Context, name: Benchmark) -> None:
 
     The last line of output is one JSON object with the figures.
     """
+    _with_allocator(_load(None, None))
     # One import per case, not a table of module names: tools follow these, and a light
     # benchmark does not pay for importing vLLM.
     match name:
@@ -280,6 +296,7 @@ def eval_(
     if k > 1 and temperature == 0:
         typer.secho("error: --k > 1 needs --temperature > 0", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=2)
+    _with_allocator(config)
     from entrypoints.evaluate import EVAL_SEED, eval_problems, evaluate
 
     data = data or config.data.train_files

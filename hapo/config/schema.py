@@ -416,6 +416,17 @@ class ApiConfig(_Section):
         return token
 
 
+class RuntimeConfig(_Section):
+    """How the processes of a run start."""
+
+    allocator: Literal["auto", "tcmalloc", "system"] = "auto"
+    """Memory allocator of ``hapo rollout``, ``reward``, ``trainer``, ``eval`` and ``bench``
+    (preloaded: each re-executes itself once, ``hapo.runtime.allocator``): ``auto`` is
+    tcmalloc where it is installed (``libtcmalloc-minimal4``), ``tcmalloc`` requires it,
+    ``system`` keeps the C library's. On CPU, glibc's malloc unmaps big freed tensors and
+    every step faults them in again (BENCHMARKS.md, "Trainer": the learner step with each)."""
+
+
 class HapoConfig(_Section):
     seed: int = Field(0, ge=0)
     """Seed of every random generator."""
@@ -437,6 +448,8 @@ class HapoConfig(_Section):
     """Transport."""
     api: ApiConfig = ApiConfig()
     """HTTP APIs."""
+    runtime: RuntimeConfig = RuntimeConfig()
+    """Processes."""
 
     @model_validator(mode="after")
     def _check_batch_shapes(self) -> Self:

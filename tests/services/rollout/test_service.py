@@ -136,6 +136,9 @@ def test_group_comes_back_as_n_trajectories(replicas: Replicas, client: redis.Re
     )
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
     assert "hapo_rollout_policy_version 0.0" in metrics
+    # runtime.allocator's default: the replica re-executed itself with tcmalloc preloaded.
+    maps = Path(f"/proc/{replicas.processes['survivor'].pid}/maps").read_text()
+    assert "libtcmalloc" in maps
 
 
 def test_groups_the_replica_cannot_generate_are_dead_lettered(
