@@ -82,7 +82,10 @@ def exec_with_allocator(allocator: Allocator) -> None:
         ValueError: as ``choose``.
     """
     library = choose(allocator, find_tcmalloc())
-    if library is None or library in loaded_libraries():
+    # The file mapped is the one the soname links to: libtcmalloc_minimal.so.4.5.10.
+    if library is None or any(
+        name == library or name.startswith(library + ".") for name in loaded_libraries()
+    ):
         return
     ld_preload = os.environ.get("LD_PRELOAD", "")
     if library in ld_preload.split(":"):

@@ -72,6 +72,7 @@ def run_probe(allocator: str, ld_preload: str = "") -> dict:
         capture_output=True, text=True, env=env, check=True, timeout=60,
     )  # fmt: skip
     (line,) = done.stdout.splitlines()  # printed after the exec only
+    assert done.stderr == ""  # no warning: the library preloaded is found loaded
     return json.loads(line)
 
 
