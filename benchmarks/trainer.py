@@ -1,7 +1,7 @@
 """One learner step with the HAPO loss vs the plain PPO loss, on the default architecture.
 
     hapo bench trainer [--batch 8 --group-size 4 --prompt-len 32 --response-len 64
-                        --repeats 3 --layers L --hidden H]
+                        --repeats 3 --layers L --hidden H --profile]
 
 The model has SmolLM2-135M-Instruct's architecture (``config.json`` of ``model.path``, by
 default the installed SmolLM2 folder) with random weights: the weights are never loaded.
@@ -9,7 +9,9 @@ default the installed SmolLM2 folder) with random weights: the weights are never
 the same batch and model, alternating, after one untimed warm-up step each; the fastest
 repeat of each is compared. "PPO" is the same step with ``adaptive_clip`` and
 ``adaptive_advantage`` off (so the training forward computes no entropy); everything else,
-advantage estimator included, is identical.
+advantage estimator included, is identical. ``--profile`` then runs one more HAPO step
+under ``torch.profiler`` and prints its operators by self CPU time (after the figures, which
+it does not change).
 
 Model-FLOPs utilisation: the model FLOPs of the HAPO step (``learner_step_flops``: the
 matrix products of the ``pi_prox`` forward and of each epoch's forward and backward, as the
@@ -147,6 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per variant")
     parser.add_argument("--layers", type=int, help="override num_hidden_layers")
     parser.add_argument("--hidden", type=int, help="override hidden_size (and intermediate)")
+    parser.add_argument("--profile", action="store_true",
+                        help="print one more HAPO step's operators by CPU time")  # fmt: skip
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                         help="trainer.precision of both variants")  # fmt: skip
     args = parser.parse_args(argv)
@@ -217,6 +221,13 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"fastest step: hapo {hapo_s:.3f} s, ppo {ppo_s:.3f} s; model FLOPs "
           f"{flops / 1e9:.1f} G: {flops / hapo_s / 1e9:.1f} GFLOP/s of a {peak / 1e9:.1f} "
           f"GFLOP/s {result['compute_dtype']} matmul peak", flush=True)  # fmt: skip
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as profiled:
+            learner_step(model, optimizer, scheduler, batch, configs["hapo"])
+        table = profiled.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+        print(table, flush=True)
     print(json.dumps(result))
     return result
 

@@ -109,10 +109,13 @@ def test_bench_reward_small() -> None:
 def test_bench_trainer_small() -> None:
     result = run("bench", "trainer", "--layers", "2", "--hidden", "64", "--batch", "4",
                  "--group-size", "2", "--micro-batch", "2", "--prompt-len", "8",
-                 "--response-len", "8", "--repeats", "1")  # fmt: skip
+                 "--response-len", "8", "--repeats", "1", "--profile")  # fmt: skip
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert any(line.startswith("  hapo repeat 1") for line in lines)
+    # The profiled step's operators, before the figures.
+    assert any("Self CPU %" in line for line in lines[:-1])
+    assert any(line.strip().startswith("aten::mm") for line in lines[:-1])
     figures = json.loads(lines[-1])
     assert set(figures) == {
         "bench", "hapo_loss_overhead", "tokens_per_s", "mfu", "matmul_peak_gflops",
