@@ -80,9 +80,13 @@ async def claim_run_id(client: aioredis.Redis, prefix: str, run_id: str, run_dir
     ours = token_file.read_text().strip() if token_file.is_file() else None
     theirs = await client.get(key)
     theirs = theirs.decode() if theirs is not None else None
-    # A group count without a token is a run's of a version that wrote none (the count is
-    # written with a run's first groups, so every run that issued any has one).
-    if ours is None and theirs is None and not await client.exists(issued_key(prefix, run_id)):
+    # A group count without a token is from a version that wrote none (the count is
+    # written with a run's first groups, so every run that issued any has one): this
+    # run's own if its folder holds checkpoints (it resumes), another's if not.
+    legacy = (run_dir / "checkpoints").is_dir() or not await client.exists(
+        issued_key(prefix, run_id)
+    )
+    if ours is None and theirs is None and legacy:
         ours = uuid.uuid4().hex
         run_dir.mkdir(parents=True, exist_ok=True)
         tmp = token_file.with_name(token_file.name + ".tmp")

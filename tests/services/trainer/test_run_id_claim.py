@@ -46,12 +46,18 @@ async def test_a_restart_keeps_the_id_and_another_folder_is_refused(
 async def test_a_group_count_without_a_token_is_another_runs(
     redis_client: aioredis.Redis, stream_names: StreamNames, tmp_path: Path
 ) -> None:
-    """A trainer that wrote no token (an older version) left its group count."""
+    """A trainer that wrote no token (an older version) left its group count: a new run
+    is refused, that run's own folder resumes."""
     prefix = stream_names.prefix
     await redis_client.set(issued_key(prefix, "counted"), 80)
     with pytest.raises(RunIdTaken):
         await claim_run_id(redis_client, prefix, "counted", tmp_path / "counted")
     assert await redis_client.get(incarnation_key(prefix, "counted")) is None
+    # Its own folder, holding its checkpoints, resumes it (and takes the id from now on).
+    (tmp_path / "own" / "checkpoints").mkdir(parents=True)
+    await claim_run_id(redis_client, prefix, "counted", tmp_path / "own")
+    token = (tmp_path / "own" / INCARNATION_FILE).read_text().strip()
+    assert await redis_client.get(incarnation_key(prefix, "counted")) == token.encode()
 
 
 async def test_a_run_whose_token_redis_lost_keeps_its_state(
