@@ -81,11 +81,12 @@ def exec_with_allocator(allocator: Allocator) -> None:
     Raises:
         ValueError: as ``choose``.
     """
+    # Loaded already (after the exec, or preloaded by the user): nothing to find. The file
+    # mapped is the one the soname links to, libtcmalloc_minimal.so.4.5.10.
+    if allocator == "system" or any(n.startswith("libtcmalloc") for n in loaded_libraries()):
+        return
     library = choose(allocator, find_tcmalloc())
-    # The file mapped is the one the soname links to: libtcmalloc_minimal.so.4.5.10.
-    if library is None or any(
-        name == library or name.startswith(library + ".") for name in loaded_libraries()
-    ):
+    if library is None:
         return
     ld_preload = os.environ.get("LD_PRELOAD", "")
     if library in ld_preload.split(":"):

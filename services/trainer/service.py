@@ -259,6 +259,7 @@ class TrainerService:
         await resume.claim_run_id(self.client, self.names.prefix, self.run_id, self.run_dir)
         await self.consumer.start()
         await ensure_group(self.client, self.names.prompts, ROLLOUT_GROUP)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         pad = self.tokenizer.pad_token_id
         pad = self.tokenizer.eos_token_id if pad is None else pad
         await self.prompts.fast_forward()
