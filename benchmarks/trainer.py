@@ -1,7 +1,7 @@
 """One learner step with the HAPO loss vs the plain PPO loss, on the default architecture.
 
-    hapo bench trainer [--batch 8 --group-size 4 --prompt-len 32 --response-len 64
-                        --repeats 3 --layers L --hidden H --profile]
+    hapo bench trainer [--batch 8 --group-size 4 --mini-batches 1 --prompt-len 32
+                        --response-len 64 --repeats 3 --layers L --hidden H --profile]
 
 The model has SmolLM2-135M-Instruct's architecture (``config.json`` of ``model.path``, by
 default the installed SmolLM2 folder) with random weights: the weights are never loaded.
@@ -14,9 +14,10 @@ under ``torch.profiler`` and prints its operators by self CPU time (after the fi
 it does not change).
 
 Model-FLOPs utilisation: the model FLOPs of the HAPO step (``learner_step_flops``: the
-matrix products of the ``pi_prox`` forward and of each epoch's forward and backward, as the
-learner runs them, each prompt once per group and the vocabulary projection on response
-tokens only) over its fastest time, divided by the peak of one large matrix product in the
+matrix products of each epoch's forward and backward and of the ``pi_prox`` forward of the
+samples past the first mini-batch (``trainer.reuse_first_forward``), as the learner runs
+them, each prompt once per group and the vocabulary projection on response tokens only)
+over its fastest time, divided by the peak of one large matrix product in the
 step's compute dtype measured in the same run (``matmul_peak_flops``). Last line:
 {"bench": "trainer", "hapo_loss_overhead": X, "tokens_per_s": Y, "mfu": M,
  "matmul_peak_gflops": P, "compute_dtype": D, "peak_mem_mb": Z}
@@ -87,9 +88,11 @@ def learner_step_flops(
     and each response but its last token, which predicts nothing; and by the vocabulary
     projection for response tokens only. ``attention`` adds 4 x layers x hidden FLOPs per
     token and position attended (torch's CPU attention kernel is not in torch's own FLOP
-    count, so the test compares without it). The step runs the ``pi_prox`` forward (twice
-    with ``recompute_at_sampling_temperature``) and, per epoch, a forward and a backward
-    (twice the forward's FLOPs) over the whole batch.
+    count, so the test compares without it). The step runs, per epoch, a forward and a
+    backward (twice the forward's FLOPs) over the whole batch, and the ``pi_prox`` forward
+    over the samples whose training forward does not serve as theirs: the whole batch
+    but the first mini-batch with ``trainer.reuse_first_forward``, the whole batch
+    without (and once more over the whole batch with ``recompute_at_sampling_temperature``).
     """
     hidden, layers = architecture.hidden_size, architecture.num_hidden_layers
     head_dim = getattr(architecture, "head_dim", None) or hidden // architecture.num_attention_heads
@@ -105,9 +108,14 @@ def learner_step_flops(
         + 2 * hidden * architecture.vocab_size * response_tokens
         + attention * 4 * layers * hidden * attended
     )
-    correction = config.algorithm.rollout_correction
-    prox_forwards = 2 if correction.recompute_at_sampling_temperature else 1
-    return forward * (prox_forwards + 3 * config.actor_rollout_ref.actor.ppo_epochs)
+    actor = config.actor_rollout_ref.actor
+    prox_groups = groups
+    if config.trainer.reuse_first_forward:
+        prox_groups -= min(actor.ppo_mini_batch_size, groups)
+    prox_forwards = prox_groups / groups
+    if config.algorithm.rollout_correction.recompute_at_sampling_temperature:
+        prox_forwards += 1
+    return forward * (prox_forwards + 3 * actor.ppo_epochs)
 
 
 def matmul_peak_flops(dtype: torch.dtype, device: torch.device, size: int = 2048) -> float:
@@ -130,7 +138,7 @@ def _variant_config(args: argparse.Namespace, hapo_loss: bool) -> HapoConfig:
         overrides=[
             f"actor_rollout_ref.rollout.n={args.group_size}",
             f"data.train_batch_size={groups}",
-            f"actor_rollout_ref.actor.ppo_mini_batch_size={groups}",
+            f"actor_rollout_ref.actor.ppo_mini_batch_size={groups // args.mini_batches}",
             f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={args.micro_batch}",
             f"actor_rollout_ref.actor.adaptive_clip={switch}",
             f"actor_rollout_ref.actor.adaptive_advantage={switch}",
@@ -144,6 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=8, help="samples per step")
     parser.add_argument("--group-size", type=int, default=4, help="samples per prompt")
     parser.add_argument("--micro-batch", type=int, default=4, help="samples per fwd/bwd")
+    parser.add_argument("--mini-batches", type=int, default=1, help="optimizer steps a step")
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--response-len", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per variant")
@@ -156,6 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.batch % args.group_size or args.batch % args.micro_batch:
         parser.error("--group-size and --micro-batch must divide --batch")
+    if (args.batch // args.group_size) % args.mini_batches:
+        parser.error("--mini-batches must divide the prompts (--batch / --group-size)")
 
     path = load_config().model.local_path
     if not (path / "config.json").is_file():

@@ -262,6 +262,14 @@ class TrainerConfig(_Section):
     logits_chunk_size: int = Field(1024, ge=1, le=1_048_576)
     """Tokens whose vocabulary logits exist at once when computing log-probs and entropy:
     memory ``chunk x vocab x 4`` bytes instead of the whole batch's fp32 logits."""
+    reuse_first_forward: bool = True
+    """The first mini-batch's training forward also gives its ``pi_prox`` log-probs and
+    entropies (its update is taken with the step's starting weights), so only the rest of
+    the batch takes the separate no-grad pass: one forward of a mini-batch less a step (an
+    eighth of the model FLOPs at the defaults). The cost is memory: that mini-batch's
+    micro-batches keep their autograd graphs until the whole batch's entropy statistics
+    are in, ``ppo_mini_batch_size x n / ppo_micro_batch_size_per_gpu`` micro-batches' worth
+    of activations at once rather than one. Turn off where memory fits one micro-batch."""
     checkpoint_keep_last: int = Field(3, ge=1, le=10_000)
     """Checkpoints kept in ``run_dir/<run id>/checkpoints/``; older ones are deleted."""
     checkpoint_keep_runs: int | None = Field(None, ge=1, le=10_000)

@@ -4,7 +4,9 @@ Pure tensor code (no I/O, no Redis, no clocks other than step timing): the train
 feeds it complete groups and publishes what it returns. All HAPO maths comes from
 ``hapo.algorithm`` and the model's log-probs from ``hapo.training.policy``; this module orders the
 calls. ``learner_step``: old log-probs and token entropy with the current weights (no
-grad); ``norm_entropys`` of the whole step's batch (docs/design.md, decision 1); the advantage;
+grad, except the first mini-batch's: with ``trainer.reuse_first_forward`` its training
+forward runs first and serves as its ``pi_prox`` pass); ``norm_entropys`` of the whole step's
+batch (docs/design.md, decision 1); the advantage;
 then ``ppo_epochs`` passes over mini-batches, each an optimizer step accumulated over
 micro-batches whose losses add up to the mini-batch's token-mean (decision 3), with
 ``h_hat`` from the current policy's entropy normalised by the step's statistics (decision
@@ -14,6 +16,7 @@ micro-batches whose losses add up to the mini-batch's token-mean (decision 3), w
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -190,6 +193,30 @@ def _temperature(config: HapoConfig) -> float:
     return config.actor_rollout_ref.rollout.temperature or 1.0
 
 
+class PolicyForward(NamedTuple):
+    """A micro-batch's policy forward, graphs attached: ``[B, R]`` log-probs and entropies
+    (``None`` unless asked)."""
+
+    log_prob: torch.Tensor
+    entropy: torch.Tensor | None
+
+
+def policy_forward(
+    model: nn.Module, batch: TrainingBatch, config: HapoConfig, *, with_entropy: bool
+) -> PolicyForward:
+    """``policy_log_probs`` of ``batch`` with the trainer's temperature, chunk and dtype."""
+    return PolicyForward(
+        *policy_log_probs(
+            model,
+            batch,
+            temperature=_temperature(config),
+            chunk_size=config.trainer.logits_chunk_size,
+            with_entropy=with_entropy,
+            dtype=compute_dtype(config, batch.input_ids.device),
+        )
+    )
+
+
 def accumulate_gradients(
     model: nn.Module,
     mini_batch: TrainingBatch,
@@ -197,6 +224,7 @@ def accumulate_gradients(
     config: HapoConfig,
     means: MetricMeans | None = None,
     global_num_tokens: torch.Tensor | float | None = None,
+    forwards: Sequence[PolicyForward] | None = None,
 ) -> torch.Tensor:
     """Backward the HAPO loss of one mini-batch, micro-batch by micro-batch, into ``.grad``.
 
@@ -208,6 +236,10 @@ def accumulate_gradients(
     mini-batch passes the whole mini-batch's count, so that the ranks' gradients *sum* to
     the mini-batch's token-mean gradient (``hapo.training.collectives``).
 
+    ``forwards`` are the micro-batches' policy forwards already run, graphs attached (one
+    per micro-batch, in order, each with its entropy): they are used instead of running
+    the model again (``learner_step``'s first mini-batch).
+
     Returns:
         The mini-batch's loss (a detached scalar), the sum of its micro-batches' losses.
     """
@@ -217,17 +249,14 @@ def accumulate_gradients(
         global_num_tokens = targets.loss_mask.sum().clamp_min(1)
     micro = actor.ppo_micro_batch_size_per_gpu
     total_loss = torch.zeros(())
-    for start in range(0, mini_batch.size, micro):
+    for index, start in enumerate(range(0, mini_batch.size, micro)):
         rows = slice(start, start + micro)
         batch, micro_targets = mini_batch.select(rows), targets.select(rows)
-        log_prob, entropy = policy_log_probs(
-            model,
-            batch,
-            temperature=_temperature(config),
-            chunk_size=config.trainer.logits_chunk_size,
-            with_entropy=current_entropy,
-            dtype=compute_dtype(config, batch.input_ids.device),
-        )
+        if forwards is None:
+            log_prob, entropy = policy_forward(model, batch, config, with_entropy=current_entropy)
+        else:
+            log_prob, entropy = forwards[index]
+            entropy = entropy if current_entropy else None
         if entropy is None:
             h_hat = micro_targets.old_h_hat
         else:
@@ -357,10 +386,8 @@ def learner_step(
     own, micro = batch.select(collectives.shard(0, batch.size)), actor.ppo_micro_batch_size_per_gpu
     dtype = compute_dtype(config, batch.input_ids.device)
     chunk_size = config.trainer.logits_chunk_size
-    old_log_prob, entropy = old_log_probs_and_entropy(
-        model, own, micro, temperature=_temperature(config), chunk_size=chunk_size, dtype=dtype
-    )
-    old_log_prob, entropy = collectives.gather_rows(old_log_prob), collectives.gather_rows(entropy)
+    mini = actor.ppo_mini_batch_size * config.actor_rollout_ref.rollout.n
+    first_forwards, old_log_prob, entropy = start_of_step_pass(model, batch, config, collectives)
     prox_at_sampling_temperature = None
     if config.algorithm.rollout_correction.recompute_at_sampling_temperature:
         prox_at_sampling_temperature = collectives.gather_rows(
@@ -376,7 +403,6 @@ def learner_step(
     old_pass_s = time.perf_counter() - start
 
     means = MetricMeans()
-    mini = actor.ppo_mini_batch_size * config.actor_rollout_ref.rollout.n
     lr = scheduler.get_last_lr()[0]
     skipped = 0
     for _ in range(actor.ppo_epochs):
@@ -393,7 +419,9 @@ def learner_step(
                 # At least 1: a mini-batch whose every sample is too stale has loss 0, not
                 # 0 / 0.
                 global_num_tokens=targets.loss_mask[first : first + size].sum().clamp_min(1),
+                forwards=first_forwards,
             )
+            first_forwards = None  # their graphs are spent: free them
             collectives.sum_gradients(model)
             # Recorded on every rank; the weights sum to world_size like the values.
             loss = collectives.sum_(loss)
@@ -404,6 +432,54 @@ def learner_step(
     result = step_result(batch, targets, entropy, means, lr, skipped, start, old_pass_s)
     result.metrics["perf/data_parallel_ranks"] = float(collectives.world_size)
     return result
+
+
+def start_of_step_pass(
+    model: nn.Module,
+    batch: TrainingBatch,
+    config: HapoConfig,
+    collectives: Collectives = LOCAL,
+) -> tuple[list[PolicyForward] | None, torch.Tensor, torch.Tensor]:
+    """``pi_prox``'s log-probs and the token entropies of the whole batch with the weights
+    the step starts from, ``[B, R]`` each, gathered over the ranks.
+
+    With ``trainer.reuse_first_forward`` the first mini-batch's share runs with graphs,
+    as its training forward: the first update is taken with these same weights, so its
+    log-probs are ``pi_prox``'s (its ratios are exactly 1) and no separate no-grad pass of
+    it is needed, only of the rest of the batch. Those forwards come back, one per
+    micro-batch, for ``accumulate_gradients``; ``None`` without the switch, where every
+    row takes the no-grad pass.
+    """
+    actor, n = config.actor_rollout_ref.actor, config.actor_rollout_ref.rollout.n
+    micro, first_size = actor.ppo_micro_batch_size_per_gpu, actor.ppo_mini_batch_size * n
+    first_size = min(first_size, batch.size) if config.trainer.reuse_first_forward else 0
+    forwards = None
+    parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if first_size:
+        first = batch.select(collectives.shard(0, first_size))
+        forwards = [
+            policy_forward(model, first.select(slice(row, row + micro)), config, with_entropy=True)
+            for row in range(0, first.size, micro)
+        ]
+        parts.append((
+            torch.cat([forward.log_prob.detach() for forward in forwards]),
+            torch.cat([forward.entropy.detach() for forward in forwards]),
+        ))  # fmt: skip
+    if first_size < batch.size:
+        rest = batch.select(collectives.shard(first_size, batch.size - first_size))
+        parts.append(
+            old_log_probs_and_entropy(
+                model,
+                rest,
+                micro,
+                temperature=_temperature(config),
+                chunk_size=config.trainer.logits_chunk_size,
+                dtype=compute_dtype(config, batch.input_ids.device),
+            )
+        )
+    old_log_prob = torch.cat([collectives.gather_rows(log_prob) for log_prob, _ in parts])
+    entropy = torch.cat([collectives.gather_rows(entropy) for _, entropy in parts])
+    return forwards, old_log_prob, entropy
 
 
 def clipped_optimizer_step(

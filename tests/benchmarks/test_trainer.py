@@ -14,16 +14,22 @@ from hapo.training.policy import build_batch
 from tests.helpers import tiny_llama
 
 
-@pytest.mark.parametrize("epochs", [1, 2])
-def test_step_flops_match_torchs_count_of_a_real_learner_step(epochs: int) -> None:
+@pytest.mark.parametrize(
+    ("epochs", "mini_batch_groups", "reuse"),
+    [(1, 2, True), (2, 2, True), (1, 1, True), (2, 1, False), (1, 2, False)],
+)
+def test_step_flops_match_torchs_count_of_a_real_learner_step(
+    epochs: int, mini_batch_groups: int, reuse: bool
+) -> None:
     groups, group_size, prompt_len, response_len = 2, 4, 24, 16
     model = tiny_llama(vocab=512, pad=None, num_hidden_layers=3)
     config = load_config(
         overrides=[
             f"actor_rollout_ref.rollout.n={group_size}", f"data.train_batch_size={groups}",
-            f"actor_rollout_ref.actor.ppo_mini_batch_size={groups}",
-            "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=8",
+            f"actor_rollout_ref.actor.ppo_mini_batch_size={mini_batch_groups}",
+            "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4",
             f"actor_rollout_ref.actor.ppo_epochs={epochs}", "trainer.precision=fp32",
+            f"trainer.reuse_first_forward={str(reuse).lower()}",
         ],
         environ={},
     )  # fmt: skip

@@ -189,6 +189,45 @@ def test_micro_batch_invariance(
     assert_gradients_close(whole, split, atol=1e-5)
 
 
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_first_forward_as_pi_prox_pass_gives_the_same_step(
+    model: LlamaForCausalLM, batch: TrainingBatch, epochs: int
+) -> None:
+    """``trainer.reuse_first_forward``: the first mini-batch's training forward stands in
+    for its no-grad ``pi_prox`` pass. Two mini-batches of two micro-batches: the step runs
+    two micro-batch forwards fewer and moves the weights as the separate pass does."""
+    start = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    calls = 0
+
+    def count(*_: object) -> None:
+        nonlocal calls
+        calls += 1
+
+    model.get_decoder().register_forward_hook(count)
+    moved, metrics, decoder_calls = {}, {}, {}
+    for reuse in (False, True):
+        model.load_state_dict(start)
+        config = _config(
+            "actor_rollout_ref.actor.ppo_mini_batch_size=1",
+            "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
+            f"actor_rollout_ref.actor.ppo_epochs={epochs}",
+            "actor_rollout_ref.actor.optim.lr=1e-3",
+            f"trainer.reuse_first_forward={str(reuse).lower()}",
+        )
+        optimizer, scheduler = make_optimizer(model, config.actor_rollout_ref.actor.optim)
+        calls = 0
+        metrics[reuse] = learner_step(model, optimizer, scheduler, batch, config).metrics
+        decoder_calls[reuse] = calls
+        moved[reuse] = {name: p.detach() - start[name] for name, p in model.named_parameters()}
+    # Each micro-batch forward is two decoder calls (prompts, then responses on their cache).
+    micro_forwards = {reuse: n // 2 for reuse, n in decoder_calls.items()}
+    assert micro_forwards == {False: 4 + 4 * epochs, True: 2 + 4 * epochs}
+    assert max(d.abs().max().item() for d in moved[False].values()) > 1e-4
+    assert_gradients_close(moved[False], moved[True], atol=1e-6)
+    for name in ("loss/policy_loss", "loss/approx_kl", "loss/clipfrac", "entropy/pivot"):
+        assert metrics[True][name] == pytest.approx(metrics[False][name], rel=1e-4, abs=1e-7)
+
+
 def test_reference_micro_batch_h_hat_switch(model: LlamaForCausalLM, batch: TrainingBatch) -> None:
     def gradients(micro: int, switch: bool) -> dict[str, torch.Tensor]:
         config = _config(
