@@ -2,6 +2,7 @@
 
     hapo bench trainer [--batch 8 --group-size 4 --mini-batches 1 --prompt-len 32
                         --response-len 64 --repeats 3 --layers L --hidden H --profile]
+                       [--baseline KEY=VALUE ...]
 
 The model has SmolLM2-135M-Instruct's architecture (``config.json`` of ``model.path``, by
 default the installed SmolLM2 folder) with random weights: the weights are never loaded.
@@ -9,9 +10,11 @@ default the installed SmolLM2 folder) with random weights: the weights are never
 the same batch and model, alternating, after one untimed warm-up step each; the fastest
 repeat of each is compared. "PPO" is the same step with ``adaptive_clip`` and
 ``adaptive_advantage`` off (so the training forward computes no entropy); everything else,
-advantage estimator included, is identical. ``--profile`` then runs one more HAPO step
-under ``torch.profiler`` and prints its operators by self CPU time (after the figures, which
-it does not change).
+advantage estimator included, is identical. ``--baseline`` replaces PPO by the HAPO step
+under those config overrides (``--baseline trainer.reuse_first_forward=false``: what a
+setting buys, measured the same way). ``--profile`` then runs one more HAPO step under
+``torch.profiler`` and prints its operators by self CPU time (after the figures, which it
+does not change).
 
 Model-FLOPs utilisation: the model FLOPs of the HAPO step (``learner_step_flops``: the
 matrix products of each epoch's forward and backward and of the ``pi_prox`` forward of the
@@ -21,7 +24,9 @@ over its fastest time, divided by the peak of one large matrix product in the
 step's compute dtype measured in the same run (``matmul_peak_flops``). Last line:
 {"bench": "trainer", "hapo_loss_overhead": X, "tokens_per_s": Y, "mfu": M,
  "matmul_peak_gflops": P, "compute_dtype": D, "peak_mem_mb": Z}
-with X = HAPO step time / PPO step time - 1 and Y the HAPO step's tokens/s.
+with X = HAPO step time / PPO step time - 1 and Y the HAPO step's tokens/s; with
+``--baseline``, "baseline": the overrides and "speedup_over_baseline": baseline step time /
+HAPO step time in place of X.
 """
 
 from __future__ import annotations
@@ -131,7 +136,9 @@ def matmul_peak_flops(dtype: torch.dtype, device: torch.device, size: int = 2048
     return best
 
 
-def _variant_config(args: argparse.Namespace, hapo_loss: bool) -> HapoConfig:
+def _variant_config(
+    args: argparse.Namespace, hapo_loss: bool, extra: tuple[str, ...] = ()
+) -> HapoConfig:
     groups = args.batch // args.group_size
     switch = str(hapo_loss).lower()
     return load_config(
@@ -143,6 +150,7 @@ def _variant_config(args: argparse.Namespace, hapo_loss: bool) -> HapoConfig:
             f"actor_rollout_ref.actor.adaptive_clip={switch}",
             f"actor_rollout_ref.actor.adaptive_advantage={switch}",
             f"trainer.precision={args.precision}",
+            *extra,
         ]
     )
 
@@ -162,6 +170,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="print one more HAPO step's operators by CPU time")  # fmt: skip
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                         help="trainer.precision of both variants")  # fmt: skip
+    parser.add_argument("--baseline", nargs="+", metavar="KEY=VALUE",
+                        help="compare with HAPO under these overrides, not PPO")  # fmt: skip
     args = parser.parse_args(argv)
     if args.batch % args.group_size or args.batch % args.micro_batch:
         parser.error("--group-size and --micro-batch must divide --batch")
@@ -191,7 +201,11 @@ def main(argv: list[str] | None = None) -> dict:
         architecture.vocab_size,
     )  # fmt: skip
     batch = build_batch(trajectories, pad_token_id=architecture.pad_token_id or 0)
-    configs = {"hapo": _variant_config(args, True), "ppo": _variant_config(args, False)}
+    baseline = "baseline" if args.baseline else "ppo"
+    configs = {
+        "hapo": _variant_config(args, True),
+        baseline: _variant_config(args, bool(args.baseline), tuple(args.baseline or ())),
+    }
     optimizer, scheduler = make_optimizer(model, configs["hapo"].actor_rollout_ref.actor.optim)
     print(
         f"batch: {args.batch} samples x ({args.prompt_len} prompt + {args.response_len} "
@@ -199,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
         flush=True,
     )
 
-    seconds: dict[str, list[float]] = {"hapo": [], "ppo": []}
+    seconds: dict[str, list[float]] = {name: [] for name in configs}
     tokens_per_s: list[float] = []
     for repeat in range(args.repeats + 1):  # repeat 0 warms up (allocations, optimizer state)
         for name, config in configs.items():
@@ -212,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
                 seconds[name].append(metrics["perf/step_s"])
                 if name == "hapo":
                     tokens_per_s.append(metrics["perf/tokens_per_s"])
-    hapo_s, ppo_s = min(seconds["hapo"]), min(seconds["ppo"])
+    hapo_s, other_s = min(seconds["hapo"]), min(seconds[baseline])
     device = learner_device(configs["hapo"])
     dtype = compute_dtype(configs["hapo"], device) or torch.float32
     peak = matmul_peak_flops(dtype, device)
@@ -220,16 +234,20 @@ def main(argv: list[str] | None = None) -> dict:
         architecture, args.batch // args.group_size, args.group_size, args.prompt_len,
         args.response_len, configs["hapo"],
     )  # fmt: skip
+    versus: dict[str, Any] = {"hapo_loss_overhead": round(hapo_s / other_s - 1, 4)}
+    if args.baseline:
+        versus = {"baseline": args.baseline,
+                  "speedup_over_baseline": round(other_s / hapo_s, 4)}  # fmt: skip
     result = {
         "bench": "trainer",
-        "hapo_loss_overhead": round(hapo_s / ppo_s - 1, 4),
+        **versus,
         "tokens_per_s": round(max(tokens_per_s), 1),
         "mfu": round(flops / hapo_s / peak, 4),
         "matmul_peak_gflops": round(peak / 1e9, 1),
         "compute_dtype": str(dtype).removeprefix("torch."),
         "peak_mem_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
     }
-    print(f"fastest step: hapo {hapo_s:.3f} s, ppo {ppo_s:.3f} s; model FLOPs "
+    print(f"fastest step: hapo {hapo_s:.3f} s, {baseline} {other_s:.3f} s; model FLOPs "
           f"{flops / 1e9:.1f} G: {flops / hapo_s / 1e9:.1f} GFLOP/s of a {peak / 1e9:.1f} "
           f"GFLOP/s {result['compute_dtype']} matmul peak", flush=True)  # fmt: skip
     if args.profile:

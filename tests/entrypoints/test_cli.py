@@ -128,6 +128,22 @@ def test_bench_trainer_small() -> None:
     assert figures["peak_mem_mb"] > 0
 
 
+def test_bench_trainer_against_a_baseline_config() -> None:
+    result = run("bench", "trainer", "--layers", "2", "--hidden", "64", "--batch", "4",
+                 "--group-size", "2", "--micro-batch", "2", "--mini-batches", "2",
+                 "--prompt-len", "8", "--response-len", "8", "--repeats", "1",
+                 "--baseline", "trainer.reuse_first_forward=false")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert any(line.startswith("  baseline repeat 1") for line in lines)
+    figures = json.loads(lines[-1])
+    assert figures["baseline"] == ["trainer.reuse_first_forward=false"]
+    assert figures["speedup_over_baseline"] > 0 and "hapo_loss_overhead" not in figures
+    bad = run("bench", "trainer", "--layers", "2", "--hidden", "64", "--batch", "4",
+              "--group-size", "2", "--micro-batch", "2", "--baseline", "trainer.no_such_key=1")  # fmt: skip
+    assert bad.returncode != 0 and "no_such_key" in bad.stderr
+
+
 def test_redis_ensure_masks_the_password() -> None:
     # Redis's default user takes any password when none is configured (nopass).
     result = run("redis", "ensure", "redis.url=redis://default:s3cret@127.0.0.1:6379/0")
