@@ -76,7 +76,13 @@ from benchmarks.study_report import (
 from hapo.config import load_config
 from hapo.data import BUILTIN_PREFIX, BUILTIN_TASKS, HELDOUT_SUFFIX
 from hapo.report import read_metrics
-from hapo.runtime.cpus import allowed_cpus, cpu_has_native_bf16, cpu_model, resolve_rollout_dtype
+from hapo.runtime.cpus import (
+    allowed_cpus,
+    cpu_bf16_is_faster,
+    cpu_has_native_bf16,
+    cpu_model,
+    resolve_rollout_dtype,
+)
 
 RUN_DEFAULTS = ["trainer.checkpoint_keep_last=1"]
 """Overrides of every run that the user's can replace: one checkpoint per run (model and
@@ -231,6 +237,7 @@ def machine_facts(overrides: Sequence[str]) -> dict:
         "cpu": cpu_model(),
         "cpus": len(allowed_cpus()),
         "native_bf16": cpu_has_native_bf16(),
+        "bf16_faster": cpu_bf16_is_faster(),
         "rollout_dtype": resolve_rollout_dtype(config.rollout.dtype, torch.cuda.is_available()),
         "learner_dtype": "float32" if learner_dtype is None else "bfloat16",
         "commit": describe.stdout.strip() or None,  # None: not run from a git checkout

@@ -251,8 +251,9 @@ class TrainerConfig(_Section):
     """Where the learner computes: ``auto`` takes the GPU when CUDA is available."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Compute dtype of the forward and backward passes (weights, gradients and optimizer
-    states stay fp32): ``bf16`` autocasts; ``auto`` is bf16 on GPUs and on CPUs that
-    multiply bf16 natively (AVX512-BF16, AMX), fp32 elsewhere."""
+    states stay fp32): ``bf16`` autocasts; ``auto`` is bf16 on GPUs and on CPUs whose
+    native bf16 (AVX512-BF16, AMX) multiplies at least 1.25x faster than fp32, measured at
+    start-up (some with AVX512-BF16 run bf16 at half fp32's speed), fp32 elsewhere."""
     max_staleness: int = Field(1, ge=0, le=100)
     """Policy versions the rollout may run ahead of the learner (0 = on-policy)."""
     total_steps: int = Field(20, ge=1)

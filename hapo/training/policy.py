@@ -20,7 +20,7 @@ from torch import nn
 
 from hapo.algorithm import adaptive_temperature_log_probs, taken_log_probs_chunked
 from hapo.config import HapoConfig
-from hapo.runtime.cpus import cpu_has_native_bf16
+from hapo.runtime.cpus import cpu_bf16_is_faster
 from hapo.transport.messages import ScoredTrajectory
 
 
@@ -207,10 +207,11 @@ def learner_device(config: HapoConfig) -> torch.device:
 
 def compute_dtype(config: HapoConfig, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of ``trainer.precision`` on ``device`` (``None``: fp32);
-    ``auto`` is bf16 on GPUs and on CPUs with native bf16, else fp32."""
+    ``auto`` is bf16 on GPUs and on CPUs whose bf16 products are faster than fp32's
+    (``cpu_bf16_is_faster``), else fp32."""
     precision = config.trainer.precision
     if precision == "auto":
-        native = device.type == "cuda" or cpu_has_native_bf16()
+        native = device.type == "cuda" or cpu_bf16_is_faster()
         precision = "bf16" if native else "fp32"
     return torch.bfloat16 if precision == "bf16" else None
 

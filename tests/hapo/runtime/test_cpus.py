@@ -9,7 +9,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hapo.runtime.cpus import cpu_model, format_cpu_list, parse_cpu_list, resolve_rollout_dtype
+from hapo.runtime import cpus
+from hapo.runtime.cpus import (
+    cpu_model,
+    format_cpu_list,
+    matmul_flops,
+    parse_cpu_list,
+    prefers_bf16,
+    resolve_rollout_dtype,
+)
 
 
 def _reference_format(cpus: set[int]) -> str:
@@ -69,3 +77,29 @@ def test_cpu_model_is_the_first_model_name(tmp_path: Path) -> None:
     cpuinfo.write_text("processor\t: 0\nmodel\t\t: 1\n")  # e.g. some ARM kernels
     assert cpu_model(cpuinfo) == "unknown"
     assert cpu_model(tmp_path / "absent") == "unknown"
+
+
+@pytest.mark.parametrize(
+    ("fp32", "bf16", "expected"),
+    [
+        (143e9, 378e9, True),  # AMD EPYC with AVX512-BF16 (measured)
+        (276e9, 150e9, False),  # Intel Xeon with AVX512-BF16, no AMX exposed (measured)
+        (175e9, 0.2e9, False),  # AVX2 only: bf16 emulated (measured)
+        (100e9, 124e9, False),  # faster, not by the margin
+        (100e9, 125e9, True),
+    ],
+)
+def test_bf16_only_where_it_is_clearly_faster(fp32: float, bf16: float, expected: bool) -> None:
+    assert prefers_bf16(fp32, bf16) is expected
+
+
+def test_the_probe_measures_this_cpu_and_is_skipped_without_native_bf16(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rate = matmul_flops("float32", size=64, repeats=2)
+    assert 1e7 < rate < 1e13  # between 0.01 GFLOP/s and 10 TFLOP/s on any CPU
+    cpus.cpu_bf16_is_faster.cache_clear()
+    monkeypatch.setattr(cpus, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(cpus, "matmul_flops", lambda *_: pytest.fail("probed without bf16"))
+    assert cpus.cpu_bf16_is_faster() is False
+    cpus.cpu_bf16_is_faster.cache_clear()

@@ -11,7 +11,7 @@ from transformers import LlamaForCausalLM
 
 from hapo.algorithm import token_entropy as reference_entropy
 from hapo.config import load_config
-from hapo.runtime.cpus import cpu_has_native_bf16
+from hapo.runtime.cpus import cpu_bf16_is_faster, cpu_has_native_bf16
 from hapo.training.policy import TrainingBatch, build_batch, compute_dtype, policy_log_probs
 from tests.hapo.training.common import (
     PAD,
@@ -98,6 +98,6 @@ def test_auto_precision_is_bf16_where_the_hardware_has_it(tmp_path) -> None:
     auto = load_config(overrides=["trainer.precision=auto"], environ={})
     fp32 = load_config(overrides=["trainer.precision=fp32"], environ={})
     assert compute_dtype(auto, torch.device("cuda")) == torch.bfloat16
-    expected = torch.bfloat16 if cpu_has_native_bf16() else None
+    expected = torch.bfloat16 if cpu_bf16_is_faster() else None
     assert compute_dtype(auto, torch.device("cpu")) == expected
     assert compute_dtype(fp32, torch.device("cuda")) is None
