@@ -21,7 +21,7 @@ matrix products of each epoch's forward and backward and of the ``pi_prox`` forw
 samples past the first mini-batch (``trainer.reuse_first_forward``), as the learner runs
 them, each prompt once per group and the vocabulary projection on response tokens only)
 over its fastest time, divided by the peak of one large matrix product in the
-step's compute dtype measured in the same run (``matmul_peak_flops``). Last line:
+step's compute dtype measured in the same run (``hapo.runtime.cpus.matmul_flops``). Last line:
 {"bench": "trainer", "hapo_loss_overhead": X, "tokens_per_s": Y, "mfu": M,
  "matmul_peak_gflops": P, "compute_dtype": D, "peak_mem_mb": Z}
 with X = HAPO step time / PPO step time - 1 and Y the HAPO step's tokens/s; with
@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import time
 from typing import Any
 
 import numpy as np
@@ -42,6 +41,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from hapo.config import HapoConfig, load_config
+from hapo.runtime.cpus import matmul_flops
 from hapo.training.learner import learner_step, make_optimizer
 from hapo.training.policy import build_batch, compute_dtype, learner_device
 from hapo.transport.messages import ScoredTrajectory
@@ -121,19 +121,6 @@ def learner_step_flops(
     if config.algorithm.rollout_correction.recompute_at_sampling_temperature:
         prox_forwards += 1
     return forward * (prox_forwards + 3 * actor.ppo_epochs)
-
-
-def matmul_peak_flops(dtype: torch.dtype, device: torch.device, size: int = 2048) -> float:
-    """The best FLOP/s of ``size x size`` matrix products in ``dtype`` over about 2 s: what
-    this machine's kernels reach on the learner's commonest operation."""
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    best, deadline = 0.0, time.perf_counter() + 2.0
-    while time.perf_counter() < deadline:
-        started = time.perf_counter()
-        (a @ b).sum().item()  # .item(): the product is done (on a GPU too)
-        best = max(best, 2 * size**3 / (time.perf_counter() - started))
-    return best
 
 
 def _variant_config(
@@ -229,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
     hapo_s, other_s = min(seconds["hapo"]), min(seconds[baseline])
     device = learner_device(configs["hapo"])
     dtype = compute_dtype(configs["hapo"], device) or torch.float32
-    peak = matmul_peak_flops(dtype, device)
+    peak = matmul_flops(dtype, size=2048, repeats=16, device=device)
     flops = learner_step_flops(
         architecture, args.batch // args.group_size, args.group_size, args.prompt_len,
         args.response_len, configs["hapo"],

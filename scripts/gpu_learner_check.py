@@ -31,8 +31,9 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from benchmarks.trainer import _batch_trajectories, learner_step_flops, matmul_peak_flops
+from benchmarks.trainer import _batch_trajectories, learner_step_flops
 from hapo.config import HapoConfig, load_config
+from hapo.runtime.cpus import matmul_flops
 from hapo.training.learner import accumulate_gradients, learner_step, make_optimizer, step_targets
 from hapo.training.policy import build_batch, old_log_probs_and_entropy, policy_log_probs
 
@@ -115,7 +116,7 @@ def speed(model, batch, architecture, shape: dict[str, int], repeats: int) -> di
             if repeat:
                 seconds[name].append(elapsed)
     hapo_s, ppo_s = min(seconds["hapo"]), min(seconds["ppo"])
-    peak = matmul_peak_flops(torch.bfloat16, device)
+    peak = matmul_flops(torch.bfloat16, size=2048, repeats=16, device=device)
     flops = learner_step_flops(architecture, groups, n, shape["prompt"], shape["response"],
                                configs["hapo"])  # fmt: skip
     tokens = batch.attention_mask.sum().item()

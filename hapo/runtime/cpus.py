@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:  # torch is imported where it is used: the launcher needs none of it
+    import torch
 
 RolloutDtype = Literal["bfloat16", "float16", "float32"]
 
@@ -40,21 +44,29 @@ def prefers_bf16(fp32_flops: float, bf16_flops: float) -> bool:
     return bf16_flops >= BF16_MIN_SPEEDUP * fp32_flops
 
 
-def matmul_flops(dtype_name: str, size: int = 512, repeats: int = 8) -> float:
-    """The best FLOP/s of ``size x size`` products in ``dtype_name`` (``"float32"``,
-    ``"bfloat16"``) on this process's threads, after one untimed product: milliseconds."""
-    import time
-
+def matmul_flops(
+    dtype: torch.dtype,
+    size: int = 512,
+    repeats: int = 8,
+    device: str | torch.device = "cpu",
+    budget_s: float = 2.0,
+) -> float:
+    """The best FLOP/s of ``size x size`` products in ``dtype`` on ``device`` with this
+    process's threads (the learner's commonest operation): one untimed product, then up to
+    ``repeats`` timed ones, fewer once ``budget_s`` is spent. ``.item()`` waits for each
+    product on a GPU too."""
     import torch
 
-    dtype = getattr(torch, dtype_name)
-    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
-    torch.mm(a, b)
-    best = float("inf")
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    (a @ b).sum().item()
+    best, deadline = float("inf"), time.perf_counter() + budget_s
     for _ in range(repeats):
         started = time.perf_counter()
-        torch.mm(a, b)
+        (a @ b).sum().item()
         best = min(best, time.perf_counter() - started)
+        if started > deadline:
+            break
     return 2 * size**3 / best
 
 
@@ -68,7 +80,9 @@ def cpu_bf16_is_faster() -> bool:
     faster in fp32). About 20 ms."""
     if not cpu_has_native_bf16():
         return False
-    return prefers_bf16(matmul_flops("float32"), matmul_flops("bfloat16"))
+    import torch
+
+    return prefers_bf16(matmul_flops(torch.float32), matmul_flops(torch.bfloat16))
 
 
 def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:

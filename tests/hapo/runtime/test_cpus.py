@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -96,8 +97,8 @@ def test_bf16_only_where_it_is_clearly_faster(fp32: float, bf16: float, expected
 def test_the_probe_measures_this_cpu_and_is_skipped_without_native_bf16(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    rate = matmul_flops("float32", size=64, repeats=2)
-    assert 1e7 < rate < 1e13  # between 0.01 GFLOP/s and 10 TFLOP/s on any CPU
+    rate = matmul_flops(torch.float32, size=256, repeats=2)
+    assert 1e8 < rate < 1e13  # between 0.1 GFLOP/s and 10 TFLOP/s on any CPU
     cpus.cpu_bf16_is_faster.cache_clear()
     monkeypatch.setattr(cpus, "cpu_has_native_bf16", lambda: False)
     monkeypatch.setattr(cpus, "matmul_flops", lambda *_: pytest.fail("probed without bf16"))
