@@ -1,15 +1,16 @@
 """Cost of the adaptive temperature in vLLM, and of one weight update.
 
-    hapo bench rollout [--prompts 64 --max-tokens 64 --repeats 5]
+    hapo bench rollout [--prompts 64 --max-tokens 64 --repeats 5 --dtype bfloat16]
 
-Same prompts and engine seed, on the default model (SmolLM2-135M, bf16, ``enforce_eager``):
+Same prompts and engine seed, on the default model (SmolLM2-135M, ``--dtype``,
+``enforce_eager``):
 plain vLLM and vLLM with the HAPO processor installed run side by side (both engines up at
 once). Each round runs the variants back to back: plain; processor installed but every
 request adaptive-off; adaptive on (tau 0.05). The overhead is the median of the per-round
 slowdowns. Every request generates exactly ``--max-tokens`` tokens (EOS ignored), so the
 variants do equal work. Then the whole model's weights are pushed over the HTTP routes and
-gloo (bf16 on the wire) ``1 + --repeats`` times: ``weight_update_s`` is the median after the
-first, which also warms the transfer up.
+gloo (in ``--dtype`` on the wire) ``1 + --repeats`` times: ``weight_update_s`` is the
+median after the first, which also warms the transfer up.
 
 Last line: {"bench": "rollout", "overhead_adaptive_vs_plain": X, "tokens_per_s_plain": A,
 "tokens_per_s_adaptive": B, "weight_update_s": W, ...}; X is the fractional slowdown.
@@ -85,8 +86,8 @@ async def tokens_per_second(
 async def weight_update_seconds(
     engine: AsyncLLM, config: HapoConfig, port: int, updates: int
 ) -> list[float]:
-    """Push the default model's weights (bf16) through the real HTTP routes and gloo,
-    ``updates`` times; seconds of each ``send_weights``."""
+    """Push the default model's weights (in ``rollout.dtype``) through the real HTTP routes
+    and gloo, ``updates`` times; seconds of each ``send_weights``."""
     state = RolloutState(engine=engine, client=None, metrics=RolloutMetrics())  # type: ignore[arg-type]
     stop = asyncio.Event()
     server = asyncio.create_task(
@@ -101,7 +102,9 @@ async def weight_update_seconds(
             master_address="127.0.0.1", master_port=port + 1, world_size=2, rank=0
         )
         sender = GlooTrainerWeightTransferEngine.trainer_init(
-            init, client=client, source=CastModuleSource(model, torch.bfloat16)
+            init,
+            client=client,
+            source=CastModuleSource(model, getattr(torch, config.rollout.dtype)),
         )
         seconds = []
         for version in range(1, updates + 1):
@@ -118,7 +121,7 @@ async def weight_update_seconds(
 
 
 async def run(args: argparse.Namespace) -> dict:
-    config = load_config(overrides=["rollout.dtype=bfloat16", "rollout.max_model_len=512"])
+    config = load_config(overrides=[f"rollout.dtype={args.dtype}", "rollout.max_model_len=512"])
     prompts = chat_prompts(config, args.prompts, args.seed)
     adaptive = to_extra_args(AdaptiveTemperature(temperature_tau=0.05, norm_entropys=NORM_ENTROPYS))
     off = to_extra_args(AdaptiveTemperature(adaptive_temperature=False))
@@ -172,6 +175,7 @@ async def run(args: argparse.Namespace) -> dict:
         "max_tokens": args.max_tokens,
         "repeats": args.repeats,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "dtype": args.dtype,
     }
 
 
@@ -181,6 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     parser.add_argument("--port", type=int, default=18931, help="HTTP port (and +1 for gloo)")
     args = parser.parse_args(argv)
     result = asyncio.run(run(args))
