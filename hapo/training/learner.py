@@ -370,7 +370,9 @@ def learner_step(
     contiguous); each is one optimizer step with gradient clipping at ``actor.grad_clip``.
     An update whose gradient norm is not finite is skipped (counted in
     ``loss/skipped_updates``). The scheduler steps once per call. The batch moves to the
-    model's device; ``trainer.precision`` picks the compute dtype there.
+    model's device; ``trainer.precision`` picks the compute dtype there. ``pi_prox`` and the
+    step's entropy statistics come first (``start_of_step_pass``: with
+    ``trainer.reuse_first_forward``, the first mini-batch's training forward is its share).
 
     ``collectives`` is ``LOCAL`` in one process; a data-parallel rank passes its
     ``DataParallel`` and works on its shards, and every rank gets the same result
