@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import json
 import random
+import secrets
 import statistics
 import time
 
@@ -89,15 +90,16 @@ async def weight_update_seconds(
     """Push the default model's weights (in ``rollout.dtype``) through the real HTTP routes
     and gloo, ``updates`` times; seconds of each ``send_weights``."""
     state = RolloutState(engine=engine, client=None, metrics=RolloutMetrics())  # type: ignore[arg-type]
+    token = secrets.token_urlsafe(24)  # the routes refuse tokens under 16 characters
     stop = asyncio.Event()
     server = asyncio.create_task(
-        serve_http(create_app(state, SecretStr("bench")), "127.0.0.1", port, stop)
+        serve_http(create_app(state, SecretStr(token)), "127.0.0.1", port, stop)
     )
     await asyncio.sleep(0.5)
     model = AutoModelForCausalLM.from_pretrained(config.model.local_path, dtype=torch.float32)
 
     def push() -> list[float]:
-        client = RolloutWeightSyncClient(f"http://127.0.0.1:{port}", "bench")
+        client = RolloutWeightSyncClient(f"http://127.0.0.1:{port}", token)
         init = GlooTrainerInitInfo(
             master_address="127.0.0.1", master_port=port + 1, world_size=2, rank=0
         )
