@@ -23,8 +23,8 @@ seed 0 first), so a study cut short compares all variants on the seeds it finish
 
 Every run and eval computes in one dtype, rollout and learner alike (``--dtype``, set by
 ``rollout.dtype`` and ``trainer.precision``): ``auto`` resolves once, at the study's first
-start (bfloat16 on a GPU or a CPU with native bf16, else float32), and is kept, so that a
-study resumed on another machine kind computes as it began.
+start (bfloat16 on a GPU or a CPU whose bf16 products beat fp32's, else float32), and is
+kept, so that a study resumed on another machine kind computes as it began.
 
 Resume: start the study again with the same settings (kept in ``DIR/study.json``; a restart
 with other ones is refused, runs of other budgets would not compare). A run with its
@@ -245,7 +245,8 @@ def machine_facts(overrides: Sequence[str]) -> dict:
 
 
 def machine_dtype() -> str:
-    """What ``auto`` resolves to here: bfloat16 on a GPU or a CPU with native bf16."""
+    """What the rollout's ``auto`` resolves to here: bfloat16 on a GPU or a CPU that
+    multiplies bf16 faster than fp32."""
     import torch  # here: only a study that runs needs it
 
     return resolve_rollout_dtype("auto", torch.cuda.is_available())
@@ -337,7 +338,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--dtype", choices=["auto", *DTYPE_PRECISION], default="auto",
         help="rollout and learner dtype; auto: the study's own, or for a new study bfloat16 "
-        "on a GPU or a CPU with native bf16, else float32",
+        "on a GPU or a CPU whose bf16 products beat fp32's, else float32",
     )  # fmt: skip
     parser.add_argument("--report-only", action="store_true",
                         help="only write the table and plot from the finished runs")  # fmt: skip

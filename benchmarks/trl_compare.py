@@ -23,8 +23,8 @@ learners), the problems (``problem_stream(data.train_files, seed)``, in order, u
 tokenizer's chat template), 8 prompts x 8 samples a step, at most 64 new tokens,
 temperature 1.0, top-p 1.0, the precision (TRL's ``bf16`` is on where hapo's
 ``trainer.precision`` computes in bf16, so TRL generates under the same autocast; with the
-default ``auto``, that is a CPU whose bf16 products beat fp32's, ``cpu_bf16_is_faster``;
-hapo's rollout takes bf16 wherever bf16 is native), as many optimizer steps a batch as hapo takes
+default ``auto``, that is a CPU whose bf16 products beat fp32's, ``cpu_bf16_is_faster``,
+for hapo's rollout as for its learner), as many optimizer steps a batch as hapo takes
 (``ppo_mini_batch_size``: TRL's ``steps_per_generation`` over
 ``gradient_accumulation_steps``, so that TRL too takes a forward pass for the old
 log-probs) on micro-batches of ``ppo_micro_batch_size_per_gpu`` samples, AdamW with hapo's

@@ -204,10 +204,11 @@ class RolloutServiceConfig(_Section):
     ``actor_rollout_ref.rollout``)."""
 
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    """Weights and activations dtype in vLLM (and of the weights the trainer sends); ``auto``:
-    bfloat16 on a GPU or a CPU with native bf16 (AVX512-BF16, AMX), else float32 (emulated
-    bf16 is far slower). Set it when trainer and rollout run on different CPU kinds: each
-    resolves ``auto`` on its own machine."""
+    """Weights and activations dtype in vLLM, which the trainer sends the weights in (each
+    replica reports its own); ``auto``: bfloat16 on a GPU or on a CPU whose native bf16
+    (AVX512-BF16, AMX) multiplies at least 1.25x faster than fp32, measured at start-up,
+    else float32 (some CPUs with bf16 flags multiply it slower; emulated bf16 is far
+    slower)."""
     max_model_len: int = Field(1024, ge=16, le=1_048_576)
     """Longest prompt + response in tokens."""
     tensor_parallel_size: int = Field(1, ge=1, le=64)

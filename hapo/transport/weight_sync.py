@@ -333,6 +333,22 @@ class RolloutWeightSyncClient:
     def _post(self, path: str, body: dict[str, Any] | None = None) -> None:
         self._http.post(path, json=body).raise_for_status()
 
+    def weights_dtype(self, timeout_s: float) -> torch.dtype:
+        """The dtype the replica's engine holds its weights in (``GET /v1/weights``): the
+        one to send them in. Answering within ``timeout_s`` is the replica's health check.
+
+        Raises:
+            httpx.HTTPError: the replica did not answer, or refused.
+            ValueError: it reported a dtype that is not a floating-point torch dtype.
+        """
+        response = self._http.get("/v1/weights", timeout=timeout_s)
+        response.raise_for_status()
+        name = response.json()["dtype"]
+        dtype = getattr(torch, str(name), None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"rollout replica reported weights dtype {name!r}")
+        return dtype
+
     def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
         self._post("/v1/weights/init", {"init_info": init_info})
 

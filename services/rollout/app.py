@@ -218,6 +218,13 @@ class WeightsResponse(BaseModel):
     paused_seconds: float | None = None
 
 
+class WeightsInfo(BaseModel):
+    policy_version: int
+    dtype: str
+    """The dtype this replica's engine holds its weights in (``float32``, ``bfloat16``,
+    ``float16``): a trainer sends them in it, whatever its own ``rollout.dtype`` says."""
+
+
 def _state(request: Request) -> RolloutState:
     return request.app.state.rollout
 
@@ -241,6 +248,12 @@ def create_app(state: RolloutState, api: ApiConfig) -> FastAPI:
         )  # fmt: skip
 
     add_probe_routes(app, state.metrics.registry, readiness, RolloutReadiness)
+
+    @app.get("/v1/weights", dependencies=admin)
+    async def weights_info(state: State) -> WeightsInfo:
+        """The policy version this replica samples and the dtype of its weights."""
+        dtype = str(state.engine.model_config.dtype).removeprefix("torch.")
+        return WeightsInfo(policy_version=state.policy_version, dtype=dtype)
 
     @app.post("/v1/weights/init", dependencies=admin)
     async def init_weights(body: InitWeightsRequest, state: State) -> WeightsResponse:

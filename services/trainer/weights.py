@@ -3,6 +3,9 @@
 The backend is ``rollout.weight_transfer`` resolved as the rollout resolves it
 (``hapo.transport.weight_sync.weight_transfer_backend``): vLLM's NCCL engine where CUDA is
 available (the model is on the GPU, tensors go GPU to GPU), HAPO's gloo engine on CPU.
+The weights travel in the dtype each replica reports (``GET /v1/weights``), so a replica
+whose ``rollout.dtype=auto`` resolved otherwise than this machine would (another CPU kind)
+still receives its own.
 """
 
 from __future__ import annotations
@@ -14,13 +17,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
 import torch
 from torch import nn
 from vllm.distributed.weight_transfer.base import TrainerWeightTransferEngine
 
 from hapo.config import HapoConfig
-from hapo.runtime.cpus import resolve_rollout_dtype
 from hapo.transport.weight_sync import (
     GLOO_BACKEND,
     CastModuleSource,
@@ -34,8 +35,6 @@ from hapo.transport.weight_sync import (
 logger = logging.getLogger("hapo.trainer")
 
 _HEALTH_TIMEOUT_S = 2.0
-
-_ROLLOUT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def rollout_replicas(
@@ -79,19 +78,11 @@ class WeightPusher:
         and up, each held by one group)."""
 
     def _connect(
-        self, url: str, port: int
-    ) -> tuple[RolloutWeightSyncClient, TrainerWeightTransferEngine]:
-        """Open the transfer group with one replica (the trainer is rank 0)."""
+        self, client: RolloutWeightSyncClient, dtype: torch.dtype, port: int
+    ) -> TrainerWeightTransferEngine:
+        """Open the transfer group with one replica (the trainer is rank 0), sending the
+        weights in ``dtype``, the replica's."""
         trainer = self.config.trainer
-        token = self.config.api.token
-        client = RolloutWeightSyncClient(
-            url,
-            None if token is None else token.get_secret_value(),
-            timeout_s=trainer.weight_sync_timeout_s,
-        )
-        # The rollout's device decides ``auto``: NCCL means a GPU there, gloo a CPU.
-        gpu_rollout = self.backend != GLOO_BACKEND
-        dtype = _ROLLOUT_DTYPES[resolve_rollout_dtype(self.config.rollout.dtype, gpu_rollout)]
         world_size = rollout_world_size(self.config)
         if self.backend == GLOO_BACKEND:
             source = CastModuleSource(self.model, dtype, torch.device("cpu"))
@@ -99,9 +90,7 @@ class WeightPusher:
                 master_address=trainer.weight_sync_host, master_port=port,
                 world_size=world_size, rank=0, timeout_s=trainer.weight_sync_timeout_s,
             )  # fmt: skip
-            return client, GlooTrainerWeightTransferEngine.trainer_init(
-                init, client=client, source=source
-            )
+            return GlooTrainerWeightTransferEngine.trainer_init(init, client=client, source=source)
         # Imported here: vLLM's NCCL engine loads CUDA libraries.
         from vllm.distributed.weight_transfer.nccl_engine import (
             NCCLTrainerInitInfo,
@@ -113,9 +102,7 @@ class WeightPusher:
             master_address=trainer.weight_sync_host, master_port=port,
             world_size=world_size, rank=0,
         )  # fmt: skip
-        return client, NCCLTrainerWeightTransferEngine.trainer_init(
-            init, client=client, source=source
-        )
+        return NCCLTrainerWeightTransferEngine.trainer_init(init, client=client, source=source)
 
     def _send(
         self,
@@ -125,13 +112,23 @@ class WeightPusher:
     ) -> None:
         """One push to one replica, over its open group or a new one."""
         if url not in self.senders:
-            # Opening a group waits for the replica's workers to join; one that is down
-            # (restarting, not started yet) would hold the run for the whole timeout.
-            httpx.get(f"{url}/healthz", timeout=_HEALTH_TIMEOUT_S).raise_for_status()
-            taken, port = set(self.ports.values()), self.config.trainer.weight_sync_port
-            while port in taken:
-                port += 1
-            self.senders[url] = self._connect(url, port)
+            token = self.config.api.token
+            client = RolloutWeightSyncClient(
+                url,
+                None if token is None else token.get_secret_value(),
+                timeout_s=self.config.trainer.weight_sync_timeout_s,
+            )
+            try:
+                # Opening a group waits for the replica's workers to join; one that is down
+                # (restarting, not started yet) would hold the run for the whole timeout.
+                dtype = client.weights_dtype(timeout_s=_HEALTH_TIMEOUT_S)
+                taken, port = set(self.ports.values()), self.config.trainer.weight_sync_port
+                while port in taken:
+                    port += 1
+                self.senders[url] = client, self._connect(client, dtype, port)
+            except BaseException:
+                client.close()
+                raise
             self.ports[url] = port
         client, sender = self.senders[url]
         # vLLM's NCCL engine finishes without a version: the client sends this one.

@@ -56,15 +56,32 @@ def test_parse_names_the_bad_part(text: str, message: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("configured", "cuda", "native_bf16", "expected"),
+    ("configured", "cuda", "bf16_faster", "expected"),
     [("auto", True, False, "bfloat16"), ("auto", False, True, "bfloat16"),
      ("auto", False, False, "float32"), ("float16", False, False, "float16"),
      ("bfloat16", False, False, "bfloat16"), ("float32", True, True, "float32")],
 )  # fmt: skip
-def test_rollout_dtype_auto_is_bf16_only_where_it_is_native(
-    configured: str, cuda: bool, native_bf16: bool, expected: str
+def test_rollout_dtype_auto_is_bf16_only_where_it_is_faster(
+    configured: str, cuda: bool, bf16_faster: bool, expected: str
 ) -> None:
-    assert resolve_rollout_dtype(configured, cuda, native_bf16) == expected
+    assert resolve_rollout_dtype(configured, cuda, bf16_faster) == expected
+
+
+def test_rollout_dtype_auto_follows_the_probe_not_the_flags(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A CPU with native bf16 whose fp32 products are faster (the Xeon of
+    ``cpu_bf16_is_faster``) gets float32; the probe is not taken on a GPU."""
+    monkeypatch.setattr(cpus, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(cpus, "matmul_flops", lambda dtype, *_, **__: {
+        torch.float32: 300e9, torch.bfloat16: 150e9}[dtype])  # fmt: skip
+    cpus.cpu_bf16_is_faster.cache_clear()
+    try:
+        assert resolve_rollout_dtype("auto", cuda=False) == "float32"
+        monkeypatch.setattr(cpus, "matmul_flops", lambda *_, **__: pytest.fail("probed"))
+        assert resolve_rollout_dtype("auto", cuda=True) == "bfloat16"
+    finally:
+        cpus.cpu_bf16_is_faster.cache_clear()
 
 
 def test_cpu_model_is_the_first_model_name(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ from hapo.transport.weight_sync import (
     RolloutWeightSyncClient,
 )
 from services.rollout.app import RolloutMetrics, RolloutState, create_app
+from services.trainer.weights import WeightPusher
 from tests.helpers import free_port
 from tests.services.rollout.conftest import tiny_config
 
@@ -169,6 +170,33 @@ async def test_weight_update_over_http_then_greedy_matches_transformers(
         after, _ = await generate(engine, greedy, "after")
         assert after == expected
         assert state.policy_version == 3
+
+        # The trainer's service sends the weights in the dtype the replica reports, not in
+        # the one its own config names: bf16 weights would not reproduce fp32's greedy text.
+        replica = RolloutWeightSyncClient(f"http://127.0.0.1:{port}", token)
+        assert await asyncio.to_thread(replica.weights_dtype, 5) == torch.float32
+        replica.close()
+        with pytest.raises(httpx.HTTPStatusError, match="401"):
+            await asyncio.to_thread(intruder.weights_dtype, 5)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(torch.randn_like(parameter) * 0.1)
+            expected = model.generate(torch.tensor([PROMPT]), max_new_tokens=10, do_sample=False)[
+                0, len(PROMPT) :
+            ].tolist()
+        config = tiny_config(
+            tiny_model_dir, "rollout.dtype=bfloat16", f"api.token={token}",
+            f'trainer.rollout_urls=["http://127.0.0.1:{port}"]',
+            f"trainer.weight_sync_port={free_port()}",
+        )  # fmt: skip
+        pusher = WeightPusher(config, model)
+        await asyncio.to_thread(pusher.push, 4)
+        after, _ = await generate(engine, greedy, "after the pusher")
+        assert after == expected
+        assert state.policy_version == 4
+        ((client, sender),) = pusher.senders.values()
+        assert {meta.dtype for meta in sender.source.metadata()} == {torch.float32}
+        client.close()
     finally:
         stop.set()
         await server
