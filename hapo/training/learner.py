@@ -40,7 +40,6 @@ from hapo.training.metric_means import MetricMeans
 from hapo.training.policy import (
     TrainingBatch,
     compute_dtype,
-    old_log_probs_and_entropy,
     policy_log_probs,
     sampling_log_probs,
 )
@@ -389,7 +388,9 @@ def learner_step(
     dtype = compute_dtype(config, batch.input_ids.device)
     chunk_size = config.trainer.logits_chunk_size
     mini = actor.ppo_mini_batch_size * config.actor_rollout_ref.rollout.n
-    first_forwards, old_log_prob, entropy = start_of_step_pass(model, batch, config, collectives)
+    first_forwards, old_log_prob, entropy = start_of_step_pass(
+        model, batch, config, mini, collectives
+    )
     prox_at_sampling_temperature = None
     if config.algorithm.rollout_correction.recompute_at_sampling_temperature:
         prox_at_sampling_temperature = collectives.gather_rows(
@@ -440,48 +441,40 @@ def start_of_step_pass(
     model: nn.Module,
     batch: TrainingBatch,
     config: HapoConfig,
+    mini_batch_size: int,
     collectives: Collectives = LOCAL,
 ) -> tuple[list[PolicyForward] | None, torch.Tensor, torch.Tensor]:
     """``pi_prox``'s log-probs and the token entropies of the whole batch with the weights
     the step starts from, ``[B, R]`` each, gathered over the ranks.
 
-    With ``trainer.reuse_first_forward`` the first mini-batch's share runs with graphs,
-    as its training forward: the first update is taken with these same weights, so its
-    log-probs are ``pi_prox``'s (its ratios are exactly 1) and no separate no-grad pass of
-    it is needed, only of the rest of the batch. Those forwards come back, one per
-    micro-batch, for ``accumulate_gradients``; ``None`` without the switch, where every
-    row takes the no-grad pass.
+    With ``trainer.reuse_first_forward`` the first mini-batch's share (``mini_batch_size``
+    rows) runs with graphs, as its training forward: the first update is taken with these
+    same weights, so its log-probs are ``pi_prox``'s (its ratios are exactly 1) and no
+    separate no-grad pass of it is needed, only of the rest of the batch. Those forwards
+    come back, one per micro-batch, for ``accumulate_gradients``; ``None`` without the
+    switch, where every row takes the no-grad pass.
     """
-    actor, n = config.actor_rollout_ref.actor, config.actor_rollout_ref.rollout.n
-    micro, first_size = actor.ppo_micro_batch_size_per_gpu, actor.ppo_mini_batch_size * n
-    first_size = min(first_size, batch.size) if config.trainer.reuse_first_forward else 0
-    forwards = None
-    parts: list[tuple[torch.Tensor, torch.Tensor]] = []
-    if first_size:
-        first = batch.select(collectives.shard(0, first_size))
-        forwards = [
-            policy_forward(model, first.select(slice(row, row + micro)), config, with_entropy=True)
-            for row in range(0, first.size, micro)
-        ]
-        parts.append((
-            torch.cat([forward.log_prob.detach() for forward in forwards]),
-            torch.cat([forward.entropy.detach() for forward in forwards]),
-        ))  # fmt: skip
-    if first_size < batch.size:
-        rest = batch.select(collectives.shard(first_size, batch.size - first_size))
-        parts.append(
-            old_log_probs_and_entropy(
-                model,
-                rest,
-                micro,
-                temperature=_temperature(config),
-                chunk_size=config.trainer.logits_chunk_size,
-                dtype=compute_dtype(config, batch.input_ids.device),
-            )
-        )
-    old_log_prob = torch.cat([collectives.gather_rows(log_prob) for log_prob, _ in parts])
-    entropy = torch.cat([collectives.gather_rows(entropy) for _, entropy in parts])
-    return forwards, old_log_prob, entropy
+    micro = config.actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu
+    first_size = min(mini_batch_size, batch.size) if config.trainer.reuse_first_forward else 0
+    passes = [(0, first_size, True), (first_size, batch.size - first_size, False)]
+    forwards: list[PolicyForward] | None = None
+    log_probs, entropys = [], []
+    for start, size, with_graph in passes:
+        if not size:
+            continue
+        rows = batch.select(collectives.shard(start, size))
+        with torch.set_grad_enabled(with_graph):
+            part = [
+                policy_forward(
+                    model, rows.select(slice(row, row + micro)), config, with_entropy=True
+                )
+                for row in range(0, rows.size, micro)
+            ]
+        if with_graph:
+            forwards = part
+        log_probs.append(collectives.gather_rows(torch.cat([f.log_prob.detach() for f in part])))
+        entropys.append(collectives.gather_rows(torch.cat([f.entropy.detach() for f in part])))
+    return forwards, torch.cat(log_probs), torch.cat(entropys)
 
 
 def clipped_optimizer_step(
