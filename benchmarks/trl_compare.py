@@ -227,9 +227,10 @@ def run_hapo(steps: int, overrides: list[str], workdir: Path) -> list[dict[str, 
                     lines.append(json.loads(raw))
                     arrivals.append(time.monotonic())
                     step_s = arrivals[-1] - (arrivals[-2] if len(arrivals) > 1 else start)
+                    share = lines[-1].get("perf/cpu_share", math.nan)
                     print(f"[hapo] step {lines[-1]['step']}: {step_s:.1f} s (learner "
-                          f"{lines[-1]['perf/step_s']:.1f} s), reward "
-                          f"{lines[-1]['reward/mean']:.3f}", flush=True)  # fmt: skip
+                          f"{lines[-1]['perf/step_s']:.1f} s at CPU share {share:.2f}), "
+                          f"reward {lines[-1]['reward/mean']:.3f}", flush=True)  # fmt: skip
                 if done:
                     break
                 time.sleep(0.1)

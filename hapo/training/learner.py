@@ -381,7 +381,7 @@ def learner_step(
         ValueError: the batch or a mini-batch does not split evenly over the ranks.
     """
     check_shardable(batch.size, config, collectives.world_size)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     actor = config.actor_rollout_ref.actor
     batch = batch.to(next(model.parameters()).device)
     own, micro = batch.select(collectives.shard(0, batch.size)), actor.ppo_micro_batch_size_per_gpu
@@ -434,6 +434,11 @@ def learner_step(
     collectives.sum_means(means)
     result = step_result(batch, targets, entropy, means, lr, skipped, start, old_pass_s)
     result.metrics["perf/data_parallel_ranks"] = float(collectives.world_size)
+    if batch.input_ids.device.type == "cpu":
+        # CPU seconds of this process over what its threads could have had: near 1 with
+        # the cores to itself, lower where another process (vLLM beside it) takes them.
+        threads_s = result.metrics["perf/step_s"] * torch.get_num_threads()
+        result.metrics["perf/cpu_share"] = (time.process_time() - cpu_start) / threads_s
     return result
 
 

@@ -286,6 +286,9 @@ def test_steps_lower_the_loss_on_a_fixed_batch(
     assert metrics["reward/response_length_mean"] == pytest.approx(50 / 8)
     assert metrics["loss/lr"] == pytest.approx(1e-4)
     assert metrics["loss/approx_kl"] > 0  # the second epoch sees moved weights
+    # CPU seconds over the step's thread-seconds: some work was done, and no more than the
+    # threads could do (a little over 1 if the process's other threads ran meanwhile).
+    assert 0.05 < metrics["perf/cpu_share"] < 1.5
     # The returned statistics are those of the step's batch under the weights it started with.
     expected = compute_norm_entropys(entropy, batch.response_mask)
     assert result.norm_entropys == pytest.approx(expected, rel=1e-5)
