@@ -1,7 +1,8 @@
 """One learner step with the HAPO loss vs the plain PPO loss, on the default architecture.
 
     hapo bench trainer [--batch 8 --group-size 4 --mini-batches 1 --prompt-len 32
-                        --response-len 64 --repeats 3 --layers L --hidden H --profile]
+                        --response-len 64 --varied-lengths --repeats 3 --layers L
+                        --hidden H --profile]
                        [--baseline KEY=VALUE ...]
 
 The model has SmolLM2-135M-Instruct's architecture (``config.json`` of ``model.path``, by
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -47,11 +49,22 @@ from hapo.training.policy import build_batch, compute_dtype, learner_device
 from hapo.transport.messages import ScoredTrajectory
 
 
+def group_response_lens(group_size: int, response_len: int, varied: bool) -> list[int]:
+    """Each sample's response length in a group: ``response_len`` for all, or ``varied``,
+    ``response_len x (j + 1) / group_size`` for the ``j``-th from the shortest (the longest
+    at ``response_len`` and the mean a little over half of it, as on the arithmetic tasks,
+    where a group's longest sample often runs to the length limit)."""
+    if not varied:
+        return [response_len] * group_size
+    return [max(1, round(response_len * (j + 1) / group_size)) for j in reversed(range(group_size))]
+
+
 def _batch_trajectories(
-    groups: int, group_size: int, prompt_len: int, response_len: int, vocab: int
+    groups: int, prompt_len: int, response_lens: Sequence[int], vocab: int
 ) -> list[ScoredTrajectory]:
-    """Random full-length trajectories, a prompt per group (as the rollout makes them);
-    each group has both rewards, so advantages are nonzero."""
+    """Random trajectories, a prompt per group (as the rollout makes them), the samples of
+    each group ``response_lens`` long; each group has both rewards, so advantages are
+    nonzero."""
     rng = np.random.default_rng(0)
     prompts = [rng.integers(1, vocab, prompt_len) for _ in range(groups)]
     return [
@@ -59,38 +72,39 @@ def _batch_trajectories(
             run_id="bench",
             group_id=f"g{group}",
             sample_idx=index,
-            n=group_size,
+            n=len(response_lens),
             policy_version=0,
             policy_version_end=0,
             prompt_ids=prompts[group],
-            response_ids=rng.integers(1, vocab, response_len),
-            logprobs=np.zeros(response_len),
+            response_ids=rng.integers(1, vocab, length),
+            logprobs=np.zeros(length),
             finish_reason="length",
             answer="0",
             reward=float(index % 2),
             reward_reason="bench",
         )
         for group in range(groups)
-        for index in range(group_size)
+        for index, length in enumerate(response_lens)
     ]
 
 
 def learner_step_flops(
     architecture: Any,
     groups: int,
-    group_size: int,
     prompt_len: int,
-    response_len: int,
+    response_lens: Sequence[int],
     config: HapoConfig,
     *,
     attention: bool = True,
 ) -> float:
-    """Model FLOPs of one ``learner_step`` on ``groups`` prompts of ``prompt_len`` tokens
-    with ``group_size`` responses of ``response_len`` each (a Llama-type ``architecture``).
+    """Model FLOPs of one ``learner_step`` on ``groups`` prompts of ``prompt_len`` tokens,
+    each with a response of each length of ``response_lens`` (a Llama-type
+    ``architecture``).
 
     A forward multiplies by every weight matrix of the layers once per token it feeds (2
     FLOPs a weight): each prompt once per group (its KV cache serves the group's responses)
-    and each response but its last token, which predicts nothing; and by the vocabulary
+    and each response but its last token, which predicts nothing, without padding (packed,
+    ``trainer.pack_responses``; padded micro-batches take more); and by the vocabulary
     projection for response tokens only. ``attention`` adds 4 x layers x hidden FLOPs per
     token and position attended (torch's CPU attention kernel is not in torch's own FLOP
     count, so the test compares without it). The step runs, per epoch, a forward and a
@@ -103,13 +117,14 @@ def learner_step_flops(
     head_dim = getattr(architecture, "head_dim", None) or hidden // architecture.num_attention_heads
     kv = architecture.num_key_value_heads * head_dim
     per_layer = hidden * (hidden + 2 * kv + hidden) + 3 * hidden * architecture.intermediate_size
-    samples, fed = groups * group_size, response_len - 1
-    prompt_tokens, response_tokens = groups * prompt_len, samples * response_len
-    attended = groups * prompt_len * (prompt_len + 1) / 2 + samples * fed * (
-        prompt_len + response_len / 2
+    fed = groups * sum(length - 1 for length in response_lens)
+    prompt_tokens, response_tokens = groups * prompt_len, groups * sum(response_lens)
+    attended = groups * (
+        prompt_len * (prompt_len + 1) / 2
+        + sum((length - 1) * (prompt_len + length / 2) for length in response_lens)
     )
     forward = (
-        2 * layers * per_layer * (prompt_tokens + samples * fed)
+        2 * layers * per_layer * (prompt_tokens + fed)
         + 2 * hidden * architecture.vocab_size * response_tokens
         + attention * 4 * layers * hidden * attended
     )
@@ -150,6 +165,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--mini-batches", type=int, default=1, help="optimizer steps a step")
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--response-len", type=int, default=64)
+    parser.add_argument("--varied-lengths", action="store_true",
+                        help="a group's samples run from --response-len down to 1/group "
+                        "of it (group_response_lens), as real groups vary")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per variant")
     parser.add_argument("--layers", type=int, help="override num_hidden_layers")
     parser.add_argument("--hidden", type=int, help="override hidden_size (and intermediate)")
@@ -183,10 +201,11 @@ def main(argv: list[str] | None = None) -> dict:
         f"vocab {architecture.vocab_size}, {params / 1e6:.1f} M parameters",
         flush=True,
     )
+    response_lens = group_response_lens(args.group_size, args.response_len, args.varied_lengths)
+    groups = args.batch // args.group_size
     trajectories = _batch_trajectories(
-        args.batch // args.group_size, args.group_size, args.prompt_len, args.response_len,
-        architecture.vocab_size,
-    )  # fmt: skip
+        groups, args.prompt_len, response_lens, architecture.vocab_size
+    )
     batch = build_batch(trajectories, pad_token_id=architecture.pad_token_id or 0)
     baseline = "baseline" if args.baseline else "ppo"
     configs = {
@@ -195,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     optimizer, scheduler = make_optimizer(model, configs["hapo"].actor_rollout_ref.actor.optim)
     print(
-        f"batch: {args.batch} samples x ({args.prompt_len} prompt + {args.response_len} "
+        f"batch: {args.batch} samples x ({args.prompt_len} prompt + {response_lens} "
         f"response) tokens, micro-batch {args.micro_batch}",
         flush=True,
     )
@@ -218,9 +237,8 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = compute_dtype(configs["hapo"], device) or torch.float32
     peak = matmul_flops(dtype, size=2048, repeats=16, device=device)
     flops = learner_step_flops(
-        architecture, args.batch // args.group_size, args.group_size, args.prompt_len,
-        args.response_len, configs["hapo"],
-    )  # fmt: skip
+        architecture, groups, args.prompt_len, response_lens, configs["hapo"]
+    )
     versus: dict[str, Any] = {"hapo_loss_overhead": round(hapo_s / other_s - 1, 4)}
     if args.baseline:
         versus = {"baseline": args.baseline,

@@ -117,7 +117,7 @@ def speed(model, batch, architecture, shape: dict[str, int], repeats: int) -> di
                 seconds[name].append(elapsed)
     hapo_s, ppo_s = min(seconds["hapo"]), min(seconds["ppo"])
     peak = matmul_flops(torch.bfloat16, size=2048, repeats=16, device=device)
-    flops = learner_step_flops(architecture, groups, n, shape["prompt"], shape["response"],
+    flops = learner_step_flops(architecture, groups, shape["prompt"], [shape["response"]] * n,
                                configs["hapo"])  # fmt: skip
     tokens = batch.attention_mask.sum().item()
     return {
@@ -146,8 +146,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"{params / 1e6:.1f} M parameters on {device} "
           f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'})",
           flush=True)  # fmt: skip
-    trajectories = _batch_trajectories(shape["groups"], shape["n"], shape["prompt"],
-                                       shape["response"], architecture.vocab_size)  # fmt: skip
+    trajectories = _batch_trajectories(shape["groups"], shape["prompt"],
+                                       [shape["response"]] * shape["n"],
+                                       architecture.vocab_size)  # fmt: skip
     batch = build_batch(trajectories, pad_token_id=0).to(device)
     result: dict[str, Any] = {"check": "gpu_learner", "device": str(device), "params": params,
                               **shape}  # fmt: skip

@@ -272,6 +272,12 @@ class TrainerConfig(_Section):
     micro-batches keep their autograd graphs until the whole batch's entropy statistics
     are in, ``ppo_mini_batch_size x n / ppo_micro_batch_size_per_gpu`` micro-batches' worth
     of activations at once rather than one. Turn off where memory fits one micro-batch."""
+    pack_responses: bool = True
+    """Run each micro-batch's responses packed in one row without padding, under a mask
+    that keeps the samples apart, wherever that takes fewer FLOPs than padded rows (short
+    responses of varied lengths: a group's longest often runs to the length limit while
+    most stop early); its dense attention loses on long ones, which stay padded. Same
+    log-probs and gradients either way; off: always padded."""
     checkpoint_keep_last: int = Field(3, ge=1, le=10_000)
     """Checkpoints kept in ``run_dir/<run id>/checkpoints/``; older ones are deleted."""
     checkpoint_keep_runs: int | None = Field(None, ge=1, le=10_000)

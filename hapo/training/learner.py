@@ -212,6 +212,7 @@ def policy_forward(
             chunk_size=config.trainer.logits_chunk_size,
             with_entropy=with_entropy,
             dtype=compute_dtype(config, batch.input_ids.device),
+            pack=config.trainer.pack_responses,
         )
     )
 
@@ -397,7 +398,7 @@ def learner_step(
             torch.cat([
                 sampling_log_probs(
                     model, own.select(slice(first, first + micro)), chunk_size=chunk_size,
-                    dtype=dtype,
+                    dtype=dtype, pack=config.trainer.pack_responses,
                 )
                 for first in range(0, own.size, micro)
             ])

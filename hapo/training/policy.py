@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -216,47 +217,124 @@ def compute_dtype(config: HapoConfig, device: torch.device) -> torch.dtype | Non
     return torch.bfloat16 if precision == "bf16" else None
 
 
-def response_hidden_states(model: nn.Module, batch: TrainingBatch) -> torch.Tensor:
-    """``[B, R, H]`` final hidden states that predict each response token (the state at
-    column ``P - 1 + t`` predicts response token ``t``), each distinct prompt run once.
+def response_hidden_states(
+    model: nn.Module, batch: TrainingBatch, *, pack: bool = True
+) -> torch.Tensor:
+    """``[N, H]`` final hidden states that predict the batch's ``N`` valid response tokens,
+    sample by sample (``hidden[response_mask]`` of a padded ``[B, R, H]``): the state at
+    column ``P - 1 + t`` predicts response token ``t``. The last response token predicts
+    nothing and is not fed.
 
-    The ``n`` samples of a group share their prompt, which is most of a sample's tokens on
-    short-answer tasks: the decoder runs on the ``U`` distinct prompts ``[U, P]`` with a KV
-    cache, the cache is gathered to the ``B`` rows (``index_select``, so gradients from
-    every sample add up in the shared prompt's activations), and the responses run on
-    top of it. Identical maths to one ``[B, P + R]`` forward, ~``n`` times fewer prompt
-    tokens, in the forward and the backward pass.
+    Each distinct prompt runs once: the ``n`` samples of a group share it, and it is most
+    of a sample's tokens on short-answer tasks. The decoder runs on the ``U`` distinct
+    prompts ``[U, P]`` with a KV cache, and the responses on top of it (gradients from every
+    sample add up in the shared prompt's activations), either
+
+    - packed (``pack``, where ``packing_pays``): one row of the ``N'`` fed tokens without
+      padding, over the ``U`` prompts' caches laid end to end, each token seeing its own
+      prompt's real tokens and its own sample's earlier tokens (``packed_attention_mask``).
+      Response lengths vary a lot within a group (one sample running to the length limit
+      is common), so padding is often half the tokens; or
+    - padded: ``[B, R - 1]``, the cache gathered to the ``B`` rows.
+
+    Identical maths to one padded ``[B, P + R]`` forward either way (to float rounding).
     """
     decoder = model.get_decoder()
-    prompt_width, response_width = batch.prompt_length, batch.responses.shape[1]
+    prompt_width = batch.prompt_length
     prompt_ids = batch.input_ids[:, :prompt_width]
     prompt_mask = batch.attention_mask[:, :prompt_width]
     _, inverse = torch.unique(torch.cat([prompt_ids, prompt_mask], dim=1), dim=0,
                               return_inverse=True)  # fmt: skip
+    rows = torch.arange(batch.size, device=inverse.device)
     first = torch.full((int(inverse.max()) + 1,), batch.size, device=inverse.device)
-    first = first.scatter_reduce(0, inverse, torch.arange(batch.size, device=inverse.device),
-                                 reduce="amin")  # fmt: skip
+    first = first.scatter_reduce(0, inverse, rows, reduce="amin")
+    lengths = batch.response_mask.sum(-1).long()
+    fed = torch.arange(batch.responses.shape[1] - 1, device=lengths.device) < lengths[:, None] - 1
     prompt = decoder(
         input_ids=prompt_ids[first],
         attention_mask=prompt_mask[first],
         position_ids=batch.position_ids[first, :prompt_width],
-        use_cache=response_width > 1,
+        use_cache=fed.shape[1] > 0,
     )
-    last_prompt_state = prompt.last_hidden_state[inverse, -1:]
-    if response_width == 1:
-        return last_prompt_state
-    cache = prompt.past_key_values
-    cache.reorder_cache(inverse)
-    # The last response token predicts nothing: it is not fed.
-    fed = slice(prompt_width, prompt_width + response_width - 1)
-    responses = decoder(
-        input_ids=batch.input_ids[:, fed],
-        attention_mask=batch.attention_mask[:, : fed.stop],
-        position_ids=batch.position_ids[:, fed],
+    last_prompt_state = prompt.last_hidden_state[:, -1]  # [U, H]: each group's first token
+    valid = batch.response_mask.bool()
+    if fed.shape[1] == 0:
+        return last_prompt_state[inverse][valid[:, 0]]
+    cache, columns = prompt.past_key_values, slice(prompt_width, prompt_width + fed.shape[1])
+    if not (pack and packing_pays(model.config, len(first), prompt_width, fed)):
+        cache.reorder_cache(inverse)
+        responses = decoder(
+            input_ids=batch.input_ids[:, columns],
+            attention_mask=batch.attention_mask[:, : columns.stop],
+            position_ids=batch.position_ids[:, columns],
+            past_key_values=cache,
+            use_cache=True,
+        ).last_hidden_state
+        return torch.cat([last_prompt_state[inverse, None], responses], dim=1)[valid]
+    for layer in cache.layers:  # [U, heads, P, d] -> [1, heads, U P, d]
+        layer.keys = layer.keys.transpose(0, 1).flatten(1, 2)[None]
+        layer.values = layer.values.transpose(0, 1).flatten(1, 2)[None]
+    packed = decoder(
+        input_ids=batch.input_ids[:, columns][fed][None],
+        attention_mask=packed_attention_mask(prompt_mask[first].bool(), inverse, fed),
+        position_ids=batch.position_ids[:, columns][fed][None],
         past_key_values=cache,
         use_cache=True,
-    ).last_hidden_state
-    return torch.cat([last_prompt_state, responses], dim=1)
+    ).last_hidden_state[0]
+    # Each valid token's state: its prompt's last (t = 0), else the packed state of the
+    # token before it (packed in row-major order of ``fed``).
+    packed_row = len(first) + fed.flatten().cumsum(0).view(fed.shape) - 1
+    source = torch.cat([inverse[:, None], packed_row], dim=1)[valid]
+    return torch.cat([last_prompt_state, packed]).index_select(0, source)
+
+
+def packing_pays(architecture: Any, prompts: int, prompt_width: int, fed: torch.Tensor) -> bool:
+    """Whether the packed response forward takes fewer FLOPs than the padded one.
+
+    Packing feeds only the ``N'`` real tokens, but its attention is dense over all of
+    them: ``N' x (U P + N')`` positions against the padded ``B (R - 1) x (P + R - 1)``. A
+    token through a layer's weight matrices costs as much as attending to
+    ``2 x weights / (4 x hidden)`` positions (~3,000 for SmolLM2-135M), so packing wins
+    on short responses and loses where ``N'`` runs to thousands (long responses, large
+    micro-batches).
+
+    Args:
+        architecture: a Llama-type model config (``hidden_size``, ``intermediate_size``,
+            attention and key-value heads).
+        prompts: ``U``, distinct prompts; ``prompt_width``: ``P``.
+        fed: ``[B, R - 1]`` the tokens each sample feeds (``N'`` in all).
+    """
+    hidden = architecture.hidden_size
+    head_dim = getattr(architecture, "head_dim", None) or hidden // architecture.num_attention_heads
+    kv = architecture.num_key_value_heads * head_dim
+    weights = hidden * (2 * hidden + 2 * kv) + 3 * hidden * architecture.intermediate_size
+    positions_per_token = 2 * weights / (4 * hidden)
+    rows, width = fed.shape
+    packed_tokens = int(fed.sum())
+    packed = packed_tokens * (positions_per_token + prompts * prompt_width + packed_tokens)
+    padded = rows * width * (positions_per_token + prompt_width + width)
+    return packed < padded
+
+
+def packed_attention_mask(
+    prompt_valid: torch.Tensor, group: torch.Tensor, fed: torch.Tensor
+) -> torch.Tensor:
+    """``[1, 1, N', U P + N']`` boolean attention mask of ``N'`` packed response tokens over
+    ``U`` prompts' cache laid end to end, then themselves.
+
+    Args:
+        prompt_valid: ``[U, P]`` real (not left-padding) tokens of each distinct prompt.
+        group: ``[B]`` index of each sample's prompt.
+        fed: ``[B, R]`` the tokens fed of each sample (a prefix of each row), packed in
+            row-major order.
+    """
+    distinct, width = prompt_valid.shape
+    sample = torch.arange(fed.shape[0], device=fed.device)[:, None].expand_as(fed)[fed]
+    position = torch.arange(fed.shape[1], device=fed.device).expand_as(fed)[fed]
+    own_prompt = group[sample][:, None] == torch.arange(distinct, device=fed.device)
+    sees_prompt = (own_prompt[:, :, None] & prompt_valid[None]).view(-1, distinct * width)
+    sees_token = (sample[:, None] == sample) & (position[:, None] >= position)
+    return torch.cat([sees_prompt, sees_token], dim=1)[None, None]
 
 
 def policy_log_probs(
@@ -267,12 +345,16 @@ def policy_log_probs(
     chunk_size: int = 1024,
     with_entropy: bool = False,
     dtype: torch.dtype | None = None,
+    pack: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (and entropies) of a batch's response tokens under a causal LM.
 
     ``model`` is a transformers ``*ForCausalLM`` whose logits are ``lm_head(hidden)``
     without bias or soft-capping (Llama, Qwen2, Mistral, SmolLM2); only the response
     columns' hidden states go through the vocabulary projection.
+
+    ``pack``: responses run packed where that takes fewer FLOPs (``response_hidden_states``);
+    ``False``: always padded.
 
     With ``dtype`` (bf16) the decoder runs under autocast and the vocabulary projection
     multiplies in ``dtype``; softmax, log-probs and entropies stay fp32 (``chunk_logits``).
@@ -287,7 +369,7 @@ def policy_log_probs(
         ValueError: the model's logits are not ``lm_head(hidden)`` (a bias, soft-capping or
             scaling), which the chunked projection would silently get wrong.
     """
-    tokens = valid_response_tokens(model, batch, dtype)
+    tokens = valid_response_tokens(model, batch, dtype, pack=pack)
     log_prob, entropy = taken_log_probs_chunked(
         tokens.hidden,
         tokens.lm_head_weight,
@@ -329,7 +411,7 @@ class ValidResponseTokens:
 
 
 def valid_response_tokens(
-    model: nn.Module, batch: TrainingBatch, dtype: torch.dtype | None = None
+    model: nn.Module, batch: TrainingBatch, dtype: torch.dtype | None = None, *, pack: bool = True
 ) -> ValidResponseTokens:
     """Run the decoder (under ``dtype`` autocast) and keep the valid response tokens: only
     they go through the vocabulary projection (the costliest matmul of a small model), so
@@ -348,9 +430,9 @@ def valid_response_tokens(
     batch = batch.trimmed()
     device_type = batch.input_ids.device.type
     with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        hidden = response_hidden_states(model, batch)
+        rows = response_hidden_states(model, batch, pack=pack)
     valid = batch.response_mask.bool()
-    rows, weight = hidden[valid], head.weight
+    weight = head.weight
     if dtype is not None:
         rows, weight = rows.to(dtype), weight.to(dtype)
     return ValidResponseTokens(rows, weight, batch.responses[valid], valid, width)
@@ -363,6 +445,7 @@ def sampling_log_probs(
     *,
     chunk_size: int = 1024,
     dtype: torch.dtype | None = None,
+    pack: bool = True,
 ) -> torch.Tensor:
     """``[B, R]`` log-probs of the response tokens at the temperature each was sampled at,
     ``T_dyn = T * (1 + h_hat * tau)`` with each sample's own ``sampling_temperature``,
@@ -373,7 +456,7 @@ def sampling_log_probs(
     With the rollout's weights this measures the sampler end to end (``hapo bench
     mismatch``); with newer ones, it is ``pi_prox`` at the sampling temperature.
     """
-    tokens = valid_response_tokens(model, batch, dtype)
+    tokens = valid_response_tokens(model, batch, dtype, pack=pack)
     log_prob = adaptive_temperature_log_probs(
         tokens.hidden,
         tokens.ids,

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from hapo.runtime.cpus import cpu_has_native_bf16
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "gpu_learner_check.py"
 _spec = importlib.util.spec_from_file_location("gpu_learner_check", SCRIPT)
@@ -38,7 +40,11 @@ def test_small_check_runs_and_bf16_agrees_with_fp32(tmp_path: Path) -> None:
     assert 0 < parity["grad_rel_l2_diff"] < 0.2 and parity["grad_cosine"] > 0.98
     speed = result["speed"]
     assert speed["hapo_step_s"] > 0 and speed["tokens_per_s"] > 0
-    assert 0 < speed["mfu"] < 1 and speed["matmul_peak_gflops"] > 0
+    assert speed["mfu"] > 0 and speed["matmul_peak_gflops"] > 0
+    if cpu_has_native_bf16():
+        # Where bf16 is emulated (AVX2), a 2048-wide bf16 product is no peak: the small
+        # step's own products ran ~2x its rate on such a CPU.
+        assert speed["mfu"] < 1
 
 
 def test_imports_only_what_the_gpu_machine_has() -> None:
