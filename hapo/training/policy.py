@@ -2,7 +2,8 @@
 
 ``build_batch`` pads trajectories into ``[B, P + R]`` tensors (prompts left-padded to a
 common ``P``, responses right-padded to ``R``), so every response starts at column ``P``;
-``policy_log_probs`` runs the model on it, each distinct prompt once, with vocabulary
+``policy_log_probs`` runs the model on it, each distinct prompt once and the responses
+packed without their padding where that pays (``response_hidden_states``), with vocabulary
 logits ``trainer.logits_chunk_size`` tokens at a time in the forward and the backward pass
 (``taken_log_probs_chunked``): the ``[B, R, V]`` fp32 logits never exist. Where it runs and
 in which dtype: ``learner_device`` and ``compute_dtype`` (``trainer.device``,
