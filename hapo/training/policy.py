@@ -296,8 +296,8 @@ def packing_pays(architecture: Any, prompts: int, prompt_width: int, fed: torch.
     them: ``N' x (U P + N')`` positions against the padded ``B (R - 1) x (P + R - 1)``. A
     token through a layer's weight matrices costs as much as attending to
     ``2 x weights / (4 x hidden)`` positions (~3,000 for SmolLM2-135M), so packing wins
-    on short responses and loses where ``N'`` runs to thousands (long responses, large
-    micro-batches).
+    where padding is a large share of the rows and loses where it is not and ``N'`` runs
+    to thousands (long responses of similar lengths, large micro-batches).
 
     Args:
         architecture: a Llama-type model config (``hidden_size``, ``intermediate_size``,
