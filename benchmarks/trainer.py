@@ -45,7 +45,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from hapo.config import HapoConfig, load_config
 from hapo.runtime.cpus import matmul_flops
 from hapo.training.learner import learner_step, make_optimizer
-from hapo.training.policy import build_batch, compute_dtype, learner_device
+from hapo.training.policy import build_batch, compute_dtype, layer_weights, learner_device
 from hapo.transport.messages import ScoredTrajectory
 
 
@@ -114,9 +114,7 @@ def learner_step_flops(
     without (and once more over the whole batch with ``recompute_at_sampling_temperature``).
     """
     hidden, layers = architecture.hidden_size, architecture.num_hidden_layers
-    head_dim = getattr(architecture, "head_dim", None) or hidden // architecture.num_attention_heads
-    kv = architecture.num_key_value_heads * head_dim
-    per_layer = hidden * (hidden + 2 * kv + hidden) + 3 * hidden * architecture.intermediate_size
+    per_layer = layer_weights(architecture)
     fed = groups * sum(length - 1 for length in response_lens)
     prompt_tokens, response_tokens = groups * prompt_len, groups * sum(response_lens)
     attended = groups * (

@@ -305,16 +305,22 @@ def packing_pays(architecture: Any, prompts: int, prompt_width: int, fed: torch.
         prompts: ``U``, distinct prompts; ``prompt_width``: ``P``.
         fed: ``[B, R - 1]`` the tokens each sample feeds (``N'`` in all).
     """
-    hidden = architecture.hidden_size
-    head_dim = getattr(architecture, "head_dim", None) or hidden // architecture.num_attention_heads
-    kv = architecture.num_key_value_heads * head_dim
-    weights = hidden * (2 * hidden + 2 * kv) + 3 * hidden * architecture.intermediate_size
-    positions_per_token = 2 * weights / (4 * hidden)
+    positions_per_token = 2 * layer_weights(architecture) / (4 * architecture.hidden_size)
     rows, width = fed.shape
     packed_tokens = int(fed.sum())
     packed = packed_tokens * (positions_per_token + prompts * prompt_width + packed_tokens)
     padded = rows * width * (positions_per_token + prompt_width + width)
     return packed < padded
+
+
+def layer_weights(architecture: Any) -> int:
+    """Weights of one decoder layer's matrix products (query, key, value and output
+    projections, the gated MLP's three) of a Llama-type ``architecture``: what a token fed
+    through the layer multiplies by, 2 FLOPs each."""
+    hidden = architecture.hidden_size
+    head_dim = getattr(architecture, "head_dim", None) or hidden // architecture.num_attention_heads
+    kv = architecture.num_key_value_heads * head_dim
+    return hidden * (2 * hidden + 2 * kv) + 3 * hidden * architecture.intermediate_size
 
 
 def packed_attention_mask(
